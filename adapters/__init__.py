@@ -1,0 +1,1 @@
+"""Adapters: the drafters (TokenAdapter, EAGLE-3 feature fusion) as plain torch modules."""

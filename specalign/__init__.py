@@ -1,0 +1,3 @@
+"""specalign: alignment drafters for cross-modal speculative decoding."""
+
+__version__ = "0.1.0"

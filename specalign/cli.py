@@ -1,0 +1,58 @@
+"""`specalign <stage> [hydra overrides]`: one console script, one Hydra app per stage.
+
+The dispatcher only picks the stage; each stage module owns a `main` decorated with
+`specalign.stage.hydra_stage`, whose config is `conf/<stage>.yaml`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> module holding its Hydra `main`
+STAGES: dict[str, tuple[str, str]] = {
+    "synth": ("data.synth_stage", "write a synthetic event/video world in the DSEC-clip layout"),
+    "import-pairs": ("data.import_pairs", "turn a token-pair JSON into a tokens-only feature store"),
+    "extract": ("train.extract", "run both VLMs and write a feature store (tokens + hidden states)"),
+    "train": ("train.train", "train a drafter (TokenAdapter or EAGLE-3) on a feature store"),
+    "export": ("train.export", "export a trained checkpoint as a self-describing drafter directory"),
+    "evaluate": ("specdec.evaluate", "measure acceptance (offline simulation or online decoding)"),
+    "plot": ("train.plot", "overlay the curves of several runs"),
+    "teach": ("train.teach", "teach the tiny VLM pair to describe the synthetic world (cached)"),
+    "pipeline": ("train.pipeline", "run every stage on the embedded synthetic world"),
+}
+
+
+def usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = ["usage: specalign <stage> [hydra overrides] [--help]", "", "stages:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines += ["", "`specalign <stage> --help` shows the stage's config and its config groups."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"specalign: unknown stage '{stage}'.\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"specalign: stage '{stage}' is not available in this version ({module_name} missing).",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    # the stage name becomes the Hydra job name; the help template is the project's own
+    sys.argv = [f"specalign {stage}", *rest, "hydra/help=specalign", f"hydra.job.name={stage}"]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

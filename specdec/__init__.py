@@ -1,0 +1,1 @@
+"""Speculative decoding: the acceptance metrics, offline simulation and online decoding."""

@@ -1,0 +1,143 @@
+"""The acceptance metrics: the one definition used by training, evaluation and reports.
+
+A greedy speculative round (design.md, "Acceptance metrics"): at accepted prefix length p
+the drafter proposes gamma tokens; the target accepts the longest prefix that matches its
+own greedy tokens r[p:], a tokens (0 <= a <= gamma), and adds one token of its own.
+
+Only tokens inside the response count: a round starting at p can propose at most
+n - p useful tokens, and generates min(a + 1, n - p).
+
+    tau     = generated tokens / rounds        (mean accepted length, bonus included)
+    alpha   = accepted draft tokens / proposed draft tokens
+    alpha_k = accepted at position k / rounds that reached position k
+
+A round "reaches" position k when positions 0..k-1 were accepted and position k is inside
+the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+Proposer = Callable[[int, int], Sequence[int]]  # (accepted prefix length p, gamma) -> tokens
+
+
+@dataclass
+class Round:
+    start: int          # accepted prefix length at the start of the round
+    proposed: int       # draft tokens proposed inside the response (<= gamma)
+    accepted: int       # a
+    generated: int      # tokens this round adds to the output (accepted + bonus, capped)
+
+
+@dataclass
+class Acceptance:
+    """Accumulates rounds over many samples; `summary()` gives tau, alpha and alpha_k."""
+
+    gamma: int
+    rounds: int = 0
+    tokens: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    samples: int = 0
+    reached_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.reached_at:
+            self.reached_at = [0] * self.gamma
+            self.accepted_at = [0] * self.gamma
+
+    def add_round(self, r: Round) -> None:
+        self.rounds += 1
+        self.tokens += r.generated
+        self.proposed += r.proposed
+        self.accepted += r.accepted
+        for k in range(min(r.accepted + 1, r.proposed)):
+            self.reached_at[k] += 1
+            if k < r.accepted:
+                self.accepted_at[k] += 1
+
+    def add_sample(self, rounds: Sequence[Round]) -> None:
+        self.samples += 1
+        for r in rounds:
+            self.add_round(r)
+
+    def merge(self, other: "Acceptance") -> "Acceptance":
+        assert other.gamma == self.gamma
+        out = Acceptance(self.gamma)
+        for name in ("rounds", "tokens", "proposed", "accepted", "samples"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.reached_at = [a + b for a, b in zip(self.reached_at, other.reached_at)]
+        out.accepted_at = [a + b for a, b in zip(self.accepted_at, other.accepted_at)]
+        return out
+
+    @property
+    def tau(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def alpha_at(self) -> list[float | None]:
+        return [a / r if r else None for a, r in zip(self.accepted_at, self.reached_at)]
+
+    def summary(self) -> dict:
+        return {"tau": self.tau, "alpha": self.alpha, "alpha_at": self.alpha_at, "rounds": self.rounds,
+                "tokens": self.tokens, "proposed": self.proposed, "accepted": self.accepted,
+                "samples": self.samples, "gamma": self.gamma}
+
+
+def accept_length(proposal: Sequence[int], target: Sequence[int], start: int) -> int:
+    """Longest prefix of `proposal` equal to target[start:]."""
+    a = 0
+    for tok in proposal:
+        if start + a >= len(target) or int(tok) != int(target[start + a]):
+            break
+        a += 1
+    return a
+
+
+def make_round(proposal: Sequence[int], target: Sequence[int], start: int, gamma: int) -> Round:
+    remaining = len(target) - start
+    proposal = list(proposal)[: min(gamma, remaining)]
+    a = accept_length(proposal, target, start)
+    return Round(start=start, proposed=len(proposal), accepted=a, generated=min(a + 1, remaining))
+
+
+def simulate_greedy(target: Sequence[int], propose: Proposer, gamma: int) -> list[Round]:
+    """Exact greedy speculative decoding over a known target greedy response."""
+    rounds, p, n = [], 0, len(target)
+    while p < n:
+        r = make_round(propose(p, gamma), target, p, gamma)
+        rounds.append(r)
+        p += r.generated
+    return rounds
+
+
+def raw_draft_proposer(draft: Sequence[int]) -> Proposer:
+    """The draft model's own free-running tokens, proposed position by position."""
+    draft = list(draft)
+    return lambda p, gamma: draft[p: p + gamma]
+
+
+def first_run_matches(proposal: Sequence[int], target: Sequence[int]) -> int:
+    """Matches running from the first token (the older, stricter 'consecutive acceptance')."""
+    return accept_length(proposal, target, 0)
+
+
+def expected_accept(p_target, q_draft):
+    """Expected acceptance of speculative sampling at one position: sum_x min(p(x), q(x)).
+
+    Works on torch tensors [..., V] (probabilities, last dim the vocabulary)."""
+    return p_target.minimum(q_draft).sum(-1)
+
+
+def greedy_acceptance(targets: Sequence[Sequence[int]], proposers: Sequence[Proposer], gamma: int) -> Acceptance:
+    acc = Acceptance(gamma)
+    for t, prop in zip(targets, proposers):
+        acc.add_sample(simulate_greedy(t, prop, gamma))
+    return acc

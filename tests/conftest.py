@@ -1,0 +1,23 @@
+"""Shared test helpers. Real data samples live beside the project in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_file(name: str) -> Path:
+    """Path of a real data sample, or skip the test with the reason."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"real data sample {name} not found in ../shared/data (it lives outside the project)")
+    return p

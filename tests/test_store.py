@@ -1,0 +1,117 @@
+"""Feature store: round trip, resume after a kill, manifest checks, memory-mapped rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from data.store import FeatureStore, StoreWriter, split_of
+from specalign.errors import DataError, StoreMismatch
+
+MANIFEST = {"kind": "full", "target": {"name": "t", "vocab_size": 50}, "draft": {"name": "d", "vocab_size": 50},
+            "layers": {"target": [2, 3], "draft": [2, 3]}, "dtype": "bfloat16",
+            "prompts": {"target": "T {question}", "draft": "D {question}"}, "generation": {"max_new_tokens": 8}}
+
+
+def _rows(n, start=0):
+    g = torch.Generator().manual_seed(start)
+    rows = []
+    for i in range(start, start + n):
+        L = 3 + i % 4
+        rows.append({"sample_id": f"s{i:03d}", "question_id": 0, "question": "q", "split": split_of(f"s{i:03d}"),
+                     "target_tokens": torch.randint(3, 50, (L,), generator=g).tolist(),
+                     "draft_tokens": [5, 6, 2]})
+    return rows
+
+
+def _tensors(rows, seed):
+    n = sum(len(r["target_tokens"]) for r in rows)
+    g = torch.Generator().manual_seed(seed)
+    names = ["target.h2", "target.h3", "target.final", "draft.h2", "draft.h3", "draft.final"]
+    return {k: torch.randn(n, 8, generator=g).to(torch.bfloat16) for k in names}
+
+
+def test_round_trip_rows_and_hidden(tmp_path):
+    rows = _rows(5)
+    tens = _tensors(rows, 0)
+    w = StoreWriter(tmp_path, MANIFEST)
+    w.write_shard(rows[:2], {k: v[: sum(len(r["target_tokens"]) for r in rows[:2])] for k, v in tens.items()})
+    off = sum(len(r["target_tokens"]) for r in rows[:2])
+    w.write_shard(rows[2:], {k: v[off:] for k, v in tens.items()})
+    w.save_heads({"target.lm_head": torch.randn(50, 8)})
+    w.finalize()
+    store = FeatureStore(tmp_path)
+    assert len(store) == 5 and store.has_hidden
+    cursor = 0
+    for r, orig in zip(store.rows, rows):
+        assert r.target_tokens == orig["target_tokens"]
+        n = len(orig["target_tokens"])
+        assert torch.equal(store.hidden(r, "target.final"), tens["target.final"][cursor:cursor + n])
+        cursor += n
+    assert store.feature_names("target") == ["target.h2", "target.h3", "target.final"]
+    assert store.heads()["target.lm_head"].shape == (50, 8)
+    assert sum(len(store.select(s)) for s in ("train", "val", "test")) == 5
+
+
+def test_consumer_with_other_expectations_is_refused(tmp_path):
+    w = StoreWriter(tmp_path, MANIFEST)
+    w.write_shard(_rows(1))
+    w.finalize()
+    with pytest.raises(StoreMismatch, match="layers.target"):
+        FeatureStore(tmp_path, expect={"layers": {"target": [2, 16, 29]}})
+    with pytest.raises(StoreMismatch, match="existing store with other settings"):
+        StoreWriter(tmp_path, {**MANIFEST, "dtype": "float32"})
+
+
+def test_incomplete_or_missing_store_gives_clear_error(tmp_path):
+    with pytest.raises(DataError, match="manifest.json"):
+        FeatureStore(tmp_path / "nothing")
+    StoreWriter(tmp_path, MANIFEST).write_shard(_rows(1))
+    with pytest.raises(DataError, match="incomplete"):
+        FeatureStore(tmp_path)
+
+
+def test_killed_writer_resumes_to_the_same_store(tmp_path):
+    """kill -9 in the middle of writing shards; a rerun finishes with identical logical content."""
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from tests.test_store import MANIFEST, _rows, _tensors
+        from data.store import StoreWriter
+        w = StoreWriter(sys.argv[1], MANIFEST)
+        done = w.done_keys()
+        for i in range(12):
+            rows = [r for r in _rows(1, start=i) if f"{{r['sample_id']}}#0" not in done]
+            if rows:
+                w.write_shard(rows, _tensors(rows, i))
+                if sys.argv[2] == "slow":
+                    time.sleep(0.15)
+        w.finalize()
+    """)
+    (tmp_path / "w.py").write_text(script)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    p = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), str(killed), "slow"])
+    import time
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list((killed / "shards").glob("*.safetensors"))) < 4:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(list((killed / "shards").glob("*.safetensors")))
+    assert 0 < n_before < 12
+    subprocess.run([sys.executable, str(tmp_path / "w.py"), str(killed), "fast"], check=True)
+    subprocess.run([sys.executable, str(tmp_path / "w.py"), str(clean), "fast"], check=True)
+    a, b = FeatureStore(killed), FeatureStore(clean)
+    assert [r.key for r in a.rows] == [r.key for r in b.rows]
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.target_tokens == rb.target_tokens
+        for name in a.feature_names("target") + a.feature_names("draft"):
+            assert torch.equal(a.hidden(ra, name), b.hidden(rb, name))
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (killed, clean))
+    assert ma["counts"] == mb["counts"]
+    assert not list(killed.rglob("*.tmp"))

@@ -1,0 +1,1 @@
+"""The two frozen VLMs: Video-LLaVA (target) and EventGPT (draft)."""
