@@ -7,7 +7,9 @@ The dispatcher only picks the stage; each stage module owns a `main` decorated w
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # stage name -> module holding its Hydra `main`
 STAGES: dict[str, tuple[str, str]] = {
@@ -40,6 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"specalign: unknown stage '{stage}'.\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
+    os.environ["SPECALIGN_STAGE"] = stage
+    # argv[0] becomes a real script so that Lightning's DDP launcher can start the other ranks
+    # with the same command line; the help template is the project's own
+    sys.argv = [str(Path(__file__).parent / "scripts" / "stage_main.py"), *rest, "hydra/help=specalign"]
+    run_stage(stage)
+
+
+def run_stage(stage: str) -> None:
+    """Import the stage's module and call its Hydra `main` on the current sys.argv."""
     module_name = STAGES[stage][0]
     try:
         module = importlib.import_module(module_name)
@@ -49,10 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
             raise SystemExit(2) from None
         raise
-    # the stage name becomes the Hydra job name; the help template is the project's own
-    sys.argv = [f"specalign {stage}", *rest, "hydra/help=specalign", f"hydra.job.name={stage}"]
     module.main()
-
 
 if __name__ == "__main__":
     main()
