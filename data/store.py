@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,8 +96,8 @@ def _identity(manifest: dict) -> dict:
 
 def _diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
     out = []
-    for k in expected:
-        e, f = expected[k], found.get(k) if isinstance(found, dict) else None
+    for k, e in expected.items():
+        f = found.get(k) if isinstance(found, dict) else None
         if isinstance(e, dict) and isinstance(f, dict):
             out += _diff(e, f, f"{prefix}{k}.")
         elif e != f:
@@ -326,11 +327,8 @@ class FeatureStore:
         p = self.root / "heads.safetensors"
         if not p.exists():
             raise DataError(p, "LM heads missing from the store", "re-run `specalign extract`")
-        out = {}
         with safe_open(str(p), framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
 
     def errors(self) -> list[dict]:
         p = self.root / "errors.jsonl"
