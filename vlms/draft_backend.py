@@ -1,0 +1,75 @@
+"""The draft backend: EventGPT on the event frames of a clip (implements vlms.base.VLMBackend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.samples import Request
+from specalign.errors import DataError
+from vlms.base import Batch
+from vlms.eventgpt import EventChatForCausalLM, num_event_tokens
+from vlms.hf_backend import HFBackend, check_model_dir, clip_preprocess, load_pretrained
+
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+EVENT_PLACEHOLDER = "<event>"
+DRAFT_TEMPLATE = VICUNA_SYSTEM + " USER: " + EVENT_PLACEHOLDER + "\n{question} ASSISTANT:"
+TOWER = "model.visual_tower"
+DENSE_MODULES = ("lm_head", "model.visual_projector", "model.feature_adaptor")  # never 4-bit
+
+
+class DraftBackend(HFBackend):
+    role = "draft"
+    name = "eventgpt"
+
+    @property
+    def decoder(self):
+        return self.model.model
+
+    def prompt_template(self) -> str:
+        return DRAFT_TEMPLATE
+
+    def prompt_ids(self, question: str, num_frames: int) -> list[int]:
+        """As EventGPT tokenises: the text around `<event>` tokenised apart (BOS on the first part only),
+        the placeholder id repeated once per pooled event token (T + N)."""
+        before, after = DRAFT_TEMPLATE.format(question=question).split(EVENT_PLACEHOLDER, 1)
+        head = self.tokenizer(before).input_ids
+        tail = self.tokenizer(after, add_special_tokens=False).input_ids
+        n_event = num_event_tokens(self.model.config, num_frames)
+        return head + [self.model.config.event_token_index] * n_event + tail
+
+    def prepare(self, requests: list[Request]) -> Batch:
+        """Event PNGs -> [B, T, 3, S, S] CLIP input (S from the tower config), prompts left padded."""
+        from data.dsec import read_event_images
+
+        size = self.model.config.vision_config.image_size
+        frames: dict[str, torch.Tensor] = {}
+        for r in requests:
+            if not r.sample.event_images:
+                raise DataError(r.sample.id, "sample has no event images")
+            if r.sample.id not in frames:
+                frames[r.sample.id] = clip_preprocess(read_event_images(r.sample.event_images), size)
+        counts = {len(f) for f in frames.values()}
+        if len(counts) > 1:
+            raise ValueError(f"event frame counts differ within one batch ({sorted(counts)}): batch clips "
+                             "with the same number of event images")
+        prompts = [self.prompt_ids(r.question, len(frames[r.sample.id])) for r in requests]
+        media = torch.stack([frames[r.sample.id] for r in requests])
+        return self.make_batch(requests, prompts, {"event_tensors": media})
+
+
+def load_draft(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
+               device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16) -> DraftBackend:
+    """EventGPT and its tokenizer from a local checkpoint directory.
+
+    quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the CLIP tower (unless
+    `quantize_towers`), projector, feature adaptor and LM head stay in `compute_dtype`.
+    """
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(path, "EventGPT")
+    keep_dense = [*DENSE_MODULES] + ([] if quantize_towers else [TOWER])
+    model = load_pretrained(EventChatForCausalLM, path, quant, keep_dense, device, compute_dtype)
+    return DraftBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant)

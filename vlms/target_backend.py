@@ -1,0 +1,66 @@
+"""The target backend: Video-LLaVA on the clip's video (implements vlms.base.VLMBackend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.samples import Request
+from specalign.errors import DataError
+from vlms.base import Batch
+from vlms.hf_backend import HFBackend, clip_preprocess
+from vlms.video_llava import load_video_llava, video_tokens_per_frame
+
+VIDEO_PLACEHOLDER = "<video>"
+TARGET_TEMPLATE = "USER: " + VIDEO_PLACEHOLDER + "\n{question} ASSISTANT:"
+NUM_FRAMES = 8
+
+
+class TargetBackend(HFBackend):
+    role = "target"
+    name = "video_llava"
+    num_frames = NUM_FRAMES
+
+    @property
+    def decoder(self):
+        return self.model.model.language_model
+
+    def prompt_template(self) -> str:
+        return TARGET_TEMPLATE
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """As VideoLlavaProcessor does: the whole prompt tokenised (BOS first), its one `<video>` token
+        expanded to frames x tokens-per-frame video tokens."""
+        ids = self.tokenizer(TARGET_TEMPLATE.format(question=question)).input_ids
+        video = self.model.config.video_token_index
+        if ids.count(video) != 1:
+            raise DataError(self.path or "tokenizer", f"the prompt must hold one {VIDEO_PLACEHOLDER} token "
+                            f"(id {video}), found {ids.count(video)}", hint="tokenizer and config disagree")
+        at = ids.index(video)
+        n_video = self.num_frames * video_tokens_per_frame(self.model.config)
+        return ids[:at] + [video] * n_video + ids[at + 1:]
+
+    def prepare(self, requests: list[Request]) -> Batch:
+        """8 uniformly spaced video frames -> [B, 8, 3, S, S] CLIP input (S from the tower config, 224),
+        prompts left padded."""
+        from data.video import read_video_frames
+
+        size = self.model.config.vision_config.image_size
+        frames: dict[str, torch.Tensor] = {}
+        for r in requests:
+            if r.sample.id not in frames:
+                frames[r.sample.id] = clip_preprocess(read_video_frames(r.sample.video_path, self.num_frames), size)
+        prompts = [self.prompt_ids(r.question) for r in requests]
+        media = torch.stack([frames[r.sample.id] for r in requests])
+        return self.make_batch(requests, prompts, {"pixel_values_videos": media})
+
+
+def load_target(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
+                load_image_tower: bool = False, device: str | torch.device = "cpu",
+                compute_dtype: torch.dtype = torch.bfloat16) -> TargetBackend:
+    """Video-LLaVA and its tokenizer from a local checkpoint directory (see `load_video_llava`)."""
+    from transformers import AutoTokenizer
+
+    model = load_video_llava(path, quant, quantize_towers, load_image_tower, device, compute_dtype)
+    return TargetBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant)
