@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,23 +47,27 @@ SPLITS = ("train", "val", "test")
 # different values is refused
 IDENTITY_KEYS = ("kind", "target", "draft", "layers", "dtype", "prompts", "generation")
 
-ROW_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("sample_id", pa.string()),
-    ("question_id", pa.int32()),
-    ("question", pa.string()),
-    ("split", pa.string()),
-    ("duration", pa.string()),
-    ("target_tokens", pa.list_(pa.int32())),
-    ("draft_tokens", pa.list_(pa.int32())),
-    ("target_len", pa.int32()),
-    ("draft_len", pa.int32()),
-    ("target_text", pa.string()),
-    ("draft_text", pa.string()),
-    ("shard", pa.string()),
-    ("offset", pa.int64()),
-    ("extra", pa.string()),  # JSON: anything else a source carries (e.g. reference captions)
-])
+def row_schema():
+    """Arrow schema of rows.parquet (pyarrow is imported only where tables are read or written)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("key", pa.string()),
+        ("sample_id", pa.string()),
+        ("question_id", pa.int32()),
+        ("question", pa.string()),
+        ("split", pa.string()),
+        ("duration", pa.string()),
+        ("target_tokens", pa.list_(pa.int32())),
+        ("draft_tokens", pa.list_(pa.int32())),
+        ("target_len", pa.int32()),
+        ("draft_len", pa.int32()),
+        ("target_text", pa.string()),
+        ("draft_text", pa.string()),
+        ("shard", pa.string()),
+        ("offset", pa.int64()),
+        ("extra", pa.string()),  # JSON: anything else a source carries (e.g. reference captions)
+    ])
 
 
 def row_key(sample_id: str, question_id: int) -> str:
@@ -211,8 +213,11 @@ class StoreWriter:
             if r["key"] in seen:
                 raise ValueError(f"{self.root}: row {r['key']} is in more than one shard")
             seen.add(r["key"])
-        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in ROW_SCHEMA} for r in rows],
-                                     schema=ROW_SCHEMA)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = row_schema()
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
         with atomic_path(self.root / "rows.parquet") as tmp:
             pq.write_table(table, tmp)
         counts = {"rows": len(rows), "tokens": int(sum(r["target_len"] for r in rows)),
@@ -270,6 +275,8 @@ class FeatureStore:
         if self.manifest.get("status") != "complete":
             raise DataError(mpath, "store is incomplete (its run was interrupted)",
                             "re-run the same command to resume and finish it")
+        import pyarrow.parquet as pq
+
         table = pq.read_table(self.root / "rows.parquet")
         self.rows = [self._row(i, r) for i, r in enumerate(table.to_pylist())]
         self._handles: dict[str, Any] = {}
