@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from specalign.errors import SpecalignError
 from specalign.paths import CONF_DIR

@@ -17,8 +17,8 @@ the response.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 Proposer = Callable[[int, int], Sequence[int]]  # (accepted prefix length p, gamma) -> tokens
 
@@ -64,7 +64,7 @@ class Acceptance:
         for r in rounds:
             self.add_round(r)
 
-    def merge(self, other: "Acceptance") -> "Acceptance":
+    def merge(self, other: Acceptance) -> Acceptance:
         assert other.gamma == self.gamma
         out = Acceptance(self.gamma)
         for name in ("rounds", "tokens", "proposed", "accepted", "samples"):

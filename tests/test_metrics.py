@@ -57,7 +57,7 @@ def test_make_round_caps_the_proposal_at_the_response_end():
 
 def test_merge_is_the_same_as_one_accumulator():
     t1, t2 = [1, 2, 3, 4, 5], [9, 8, 7]
-    prop = lambda p, g: [1, 2, 0, 4, 5][p:p + g]  # noqa: E731
+    prop = lambda p, g: [1, 2, 0, 4, 5][p:p + g]
     a, b, both = Acceptance(2), Acceptance(2), Acceptance(2)
     a.add_sample(simulate_greedy(t1, prop, 2))
     b.add_sample(simulate_greedy(t2, prop, 2))

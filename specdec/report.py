@@ -1,0 +1,102 @@
+"""Reports: report.json (machine-readable), report.md (a table to paste) and plots.
+
+Structure of report.json:
+
+    {"config": {...}, "store": {...manifest identity...}, "split": "test", "gammas": [..],
+     "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
+     "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
+     "costs": {...}, "speedup": {...}}                              # optional (online)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specalign.io import atomic_path, write_json, write_text
+
+
+def markdown_table(report: dict) -> str:
+    gammas = report["gammas"]
+    lines = [f"# Acceptance on `{report.get('split', 'all')}` ({report.get('mode', 'offline')})", ""]
+    head = "| drafter | " + " | ".join(f"τ (γ={g}) | α (γ={g})" for g in gammas) + " | samples |"
+    lines += [head, "|" + "---|" * (2 * len(gammas) + 2)]
+    for name, per_gamma in report["results"].items():
+        cells = []
+        for g in gammas:
+            s = per_gamma[str(g)]
+            cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
+        samples = per_gamma[str(gammas[0])]["samples"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {samples} |")
+    g0 = gammas[-1]
+    lines += ["", f"α_k at γ={g0} (accepted at position k / rounds that reached k):", "",
+              "| drafter | " + " | ".join(f"k={k}" for k in range(g0)) + " |", "|" + "---|" * (g0 + 1)]
+    for name, per_gamma in report["results"].items():
+        at = per_gamma[str(g0)]["alpha_at"]
+        lines.append(f"| {name} | " + " | ".join("–" if a is None else f"{a:.3f}" for a in at) + " |")
+    if report.get("by_duration"):
+        lines += ["", f"By clip duration (γ={g0}):", "", "| drafter | " + " | ".join(
+            f"τ ({d}) | α ({d})" for d in report["by_duration"]) + " |",
+            "|" + "---|" * (2 * len(report["by_duration"]) + 1)]
+        for name in report["results"]:
+            cells = []
+            for d, per_name in report["by_duration"].items():
+                s = per_name[name]
+                cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("sampling"):
+        lines += ["", "Expected acceptance under speculative sampling (mean Σ min(p, q) per position):", "",
+                  "| drafter | temperature | expected α |", "|---|---|---|"]
+        for name, s in report["sampling"].items():
+            lines.append(f"| {name} | {s['temperature']} | {s['expected_alpha']:.3f} |")
+    if report.get("speedup"):
+        lines += ["", "Projected speedup from measured per-call costs:", "", "| drafter | γ | speedup |", "|---|---|---|"]
+        for name, per_gamma in report["speedup"].items():
+            for g, v in per_gamma.items():
+                lines.append(f"| {name} | {g} | {v:.2f}x |")
+    if report.get("notes"):
+        lines += ["", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    g0 = report["gammas"][-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, per_gamma in report["results"].items():
+        at = per_gamma[str(g0)]["alpha_at"]
+        ks = [k for k, a in enumerate(at) if a is not None]
+        ax.plot([k + 1 for k in ks], [at[k] for k in ks], marker="o", label=name)
+    ax.set(xlabel="draft position k", ylabel="α_k", title=f"acceptance by position (γ={g0})", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "alpha_by_position.png"))
+    if len(report["gammas"]) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, per_gamma in report["results"].items():
+            ax.plot(report["gammas"], [per_gamma[str(g)]["tau"] for g in report["gammas"]], marker="o", label=name)
+        ax.set(xlabel="γ (draft tokens per round)", ylabel="τ (tokens per round)", title="mean accepted length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "tau_by_gamma.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", markdown_table(report))
+    plot_report(report, out_dir)
+    return out_dir
