@@ -1,0 +1,234 @@
+"""TokenAdapter: drafts the target's next tokens from the accepted target prefix, conditioned on
+the draft model's free-running response.
+
+One pre-norm transformer runs over two segments (learned positions restart in each segment,
+a segment embedding tells them apart):
+
+    [d_0 ... d_{m-1}]   [SEP  r_0  ...  r_{p-1}]
+      draft segment       target segment (causal)
+
+Position convention: target-segment position j predicts r_j (SEP is position 0 and predicts
+r_0; r_{j-1} sits at position j). Proposing from an accepted prefix of length p therefore
+reads the logits at target position p, exactly the round of specdec/metrics.py.
+
+Draft conditioning is built so that it cannot hurt:
+- the target segment attends to itself through a causal softmax, and to the draft segment
+  through a *separate* softmax whose output is scaled by tanh(g_l), g_l = 0 at init (one gate
+  per layer): with the gate closed, or the draft dropped, the model is exactly the prefix-only
+  model;
+- draft dropout: in training the whole draft segment is dropped per sample with probability
+  `draft_dropout`, so the model stays a good prefix-only model;
+- copy: a pointer over the draft tokens, mixed into the output distribution with
+  lambda = sigmoid(w.h + b), b = -6 at init (lambda ~ 0.0025).
+`condition_on_draft=False` builds the same model without the draft path: the ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COPY_GATE_BIAS = -6.0
+
+
+@dataclass
+class TokenAdapterConfig:
+    vocab_size: int = 32000
+    n_layer: int = 4
+    d_model: int = 512
+    n_head: int = 8
+    d_ff: int = 2048
+    max_len: int = 1024            # per segment
+    dropout: float = 0.1
+    condition_on_draft: bool = True
+    draft_dropout: float = 0.5     # training only: drop the whole draft segment of a sample
+    copy: bool = True              # pointer over draft tokens (needs condition_on_draft)
+
+    @property
+    def sep_id(self) -> int:
+        return self.vocab_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenAdapterConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass
+class DraftMemory:
+    """What the target segment reads from an encoded draft segment."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, nh, m, hd]
+    hidden: torch.Tensor                        # [B, m, d] final draft states (pointer keys)
+    mask: torch.Tensor                          # [B, m] bool, keys that may be attended
+    tokens: torch.Tensor                        # [B, m] draft token ids
+
+
+class Block(nn.Module):
+    def __init__(self, c: TokenAdapterConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.ln1 = nn.LayerNorm(c.d_model)
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
+        self.proj = nn.Linear(c.d_model, c.d_model)
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.mlp = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model),
+                                 nn.Dropout(c.dropout))
+        self.drop = nn.Dropout(c.dropout)
+
+    def _qkv(self, x):  # [B, T, d] -> 3 x [B, nh, T, hd]
+        B, T, _ = x.shape
+        return self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+
+    def _finish(self, x, a):  # a: [B, nh, T, hd]
+        B, _, T, _ = a.shape
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, -1)))
+        return x + self.mlp(self.ln2(x))
+
+    def draft(self, xd):
+        """Draft segment, causal self-attention -> (new stream, this layer's keys/values)."""
+        q, k, v = self._qkv(xd)
+        return self._finish(xd, F.scaled_dot_product_attention(q, k, v, is_causal=True)), (k, v)
+
+    def target(self, xt, past=None, draft_kv=None, draft_mask=None, gate=None):
+        """Target segment: causal self-attention over (cached) target keys, plus the gated draft
+        attention. With `past`, xt holds exactly one new position."""
+        q, k, v = self._qkv(xt)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        if draft_kv is not None:
+            mask = draft_mask[:, None, None, :]                                   # [B, 1, 1, m]
+            a = a + gate.view(-1, 1, 1, 1) * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
+        return self._finish(xt, a), (k, v)
+
+
+class TokenAdapter(nn.Module):
+    def __init__(self, config: TokenAdapterConfig):
+        super().__init__()
+        c = self.config = config
+        self.tok = nn.Embedding(c.vocab_size + 1, c.d_model)  # + SEP
+        self.pos = nn.Embedding(c.max_len + 1, c.d_model)     # target segment: SEP + max_len tokens
+        self.seg = nn.Embedding(2, c.d_model)                 # 0 draft, 1 target
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.condition_on_draft:
+            self.gate = nn.Parameter(torch.zeros(c.n_layer))
+            if c.copy:
+                self.ln_d = nn.LayerNorm(c.d_model)
+                self.copy_q = nn.Linear(c.d_model, c.d_model, bias=False)
+                self.copy_k = nn.Linear(c.d_model, c.d_model, bias=False)
+                self.copy_gate = nn.Linear(c.d_model, 1)
+        self.apply(_init)
+        if c.condition_on_draft and c.copy:
+            nn.init.constant_(self.copy_gate.bias, COPY_GATE_BIAS)
+
+    @property
+    def uses_copy(self) -> bool:
+        return self.config.condition_on_draft and self.config.copy
+
+    def _embed(self, ids, start: int, segment: int):  # ids [B, T] -> [B, T, d]
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return self.drop(self.tok(ids) + self.pos(pos) + self.seg.weight[segment])
+
+    def encode_draft(self, draft, draft_len) -> DraftMemory:
+        """draft [B, m] (m >= 1, right padded), draft_len [B] -> the memory the target reads."""
+        xd = self._embed(draft, 0, 0)
+        kv = []
+        for blk in self.blocks:
+            xd, kv_l = blk.draft(xd)
+            kv.append(kv_l)
+        # key 0 always stays visible so an empty draft cannot make a softmax over nothing
+        # (its contribution is multiplied by a zero gate anyway)
+        pos = torch.arange(draft.shape[1], device=draft.device)
+        mask = (pos < draft_len[:, None]) | (pos == 0)
+        return DraftMemory(kv, self.ln_d(xd) if self.uses_copy else xd, mask, draft)
+
+    def _decode(self, ids, start, memory, has_draft, past=None):
+        """Target segment ids [B, T] from position `start` -> (hidden [B, T, d], new per-layer cache)."""
+        x = self._embed(ids, start, 1)
+        cache = []
+        for i, blk in enumerate(self.blocks):
+            gate = torch.tanh(self.gate[i]) * has_draft if memory is not None else None
+            x, kv = blk.target(x, past[i] if past else None, memory.kv[i] if memory else None,
+                               memory.mask if memory else None, gate)
+            cache.append(kv)
+        return self.ln_f(x), cache
+
+    def _logprobs(self, h, memory, has_draft):
+        """h [B, T, d] -> log-probabilities [B, T, V] (vocabulary mixed with the draft pointer)."""
+        lp = F.log_softmax(self.head(h).float(), -1)
+        if not self.uses_copy or memory is None:
+            return lp
+        B, T, _ = h.shape
+        scores = self.copy_q(h) @ self.copy_k(memory.hidden).transpose(1, 2) / math.sqrt(h.shape[-1])
+        attn = scores.float().masked_fill(~memory.mask[:, None, :], float("-inf")).softmax(-1)  # [B, T, m]
+        index = memory.tokens[:, None, :].expand(B, T, -1)
+        p_copy = torch.zeros_like(lp).scatter_add_(2, index, attn)                               # [B, T, V]
+        z = self.copy_gate(h).float()                                                             # [B, T, 1]
+        on = has_draft.bool()[:, None, None]
+        log_lam = F.logsigmoid(z).masked_fill(~on, float("-inf"))
+        log_keep = F.logsigmoid(-z).masked_fill(~on, 0.0)
+        return torch.logaddexp(log_keep + lp, log_lam + p_copy.clamp_min(1e-30).log())
+
+    def _memory(self, draft, draft_len, keep):
+        """-> (memory or None, has_draft [B] float) for a batch of drafts."""
+        if not self.config.condition_on_draft:
+            return None, None
+        if draft.shape[1] == 0:
+            draft = draft.new_zeros(draft.shape[0], 1)
+        has = (draft_len > 0) if keep is None else (draft_len > 0) & keep
+        return self.encode_draft(draft, draft_len), has.float()
+
+    def logits(self, draft, draft_len, target, keep=None):
+        """Teacher-forced, batched (training and validation).
+
+        draft [B, m] right padded, draft_len [B], target [B, n] right padded (r_0..r_{n-1}),
+        keep [B] bool: which samples keep their draft (None: all).
+        Returns log-probabilities [B, n, V]; position j predicts r_j."""
+        memory, has = self._memory(draft, draft_len, keep)
+        sep = target.new_full((target.shape[0], 1), self.config.sep_id)
+        ids = torch.cat([sep, target[:, :-1]], 1)                       # [SEP, r_0 .. r_{n-2}]
+        h, _ = self._decode(ids, 0, memory, has)
+        return self._logprobs(h, memory, has)
+
+    @torch.no_grad()
+    def propose(self, draft_tokens: Sequence[int], prefix: Sequence[int], gamma: int) -> list[int]:
+        """Greedy drafting inside one round: `gamma` tokens following the accepted target prefix
+        r_0..r_{p-1}, given the draft model's whole free-running response."""
+        c = self.config
+        gamma = min(gamma, c.max_len - len(prefix))
+        if gamma <= 0:
+            return []
+        dev = self.head.weight.device
+        draft = list(draft_tokens)[: c.max_len]
+        memory, has = self._memory(torch.tensor([draft], dtype=torch.long, device=dev).view(1, -1),
+                                   torch.tensor([len(draft)], device=dev), None)
+        ids = torch.tensor([[c.sep_id, *prefix]], dtype=torch.long, device=dev)
+        out, past, start = [], None, 0
+        for _ in range(gamma):
+            h, past = self._decode(ids, start, memory, has, past)
+            tok = int(self._logprobs(h[:, -1:], memory, has).argmax(-1))
+            out.append(tok)
+            start += ids.shape[1]
+            ids = torch.tensor([[tok]], device=dev)
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)

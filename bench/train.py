@@ -1,0 +1,190 @@
+"""Training throughput of the drafters: tokens/s, MFU, and the store loader's own rate.
+
+    python bench/train.py                                   # CPU, small sizes
+    python bench/train.py --device cuda --hidden 4096 --vocab 32000 --draft-vocab 32000 \\
+        --batch 8 --seq 512 --rows 128 --workers 8
+
+It writes a synthetic full store of the requested size (a temp dir), then measures
+- step:   one training step as Lightning runs it (module.losses, backward, AdamW), bf16 autocast
+          on CUDA, batches already on the device;
+- loader: the DataModule's train loader alone (the host side: read, concatenate, pad, pin).
+MFU = matmul FLOPs by formula (forward 2x, backward 4x for what is trained) / step time / peak;
+the peak defaults to H100/H200 dense bf16 (989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.eagle3 import Eagle3Config
+from adapters.token_adapter import TokenAdapterConfig
+from data.store import StoreWriter
+from train.datamodule import FeatureDataModule, TokenPairDataModule
+from train.modules import Eagle3Module, TokenAdapterModule
+
+LAYERS = [2, 16, 29]
+OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-4}
+SCHED = {"_target_": "train.modules.warmup_schedule", "kind": "constant"}
+
+
+def make_store(root: Path, a) -> Path:
+    """a.rows responses of a.seq tokens; target features h{2,16,29} and final, bf16."""
+    H, V = a.hidden, a.vocab
+    ident = {"name": "bench", "path": None, "config_hash": None, "vocab_size": V, "hidden_size": H}
+    w = StoreWriter(root, {"kind": "full", "target": ident, "draft": ident,
+                           "layers": {"target": LAYERS, "draft": LAYERS}, "dtype": "bfloat16",
+                           "prompts": {}, "generation": {}})
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, a.rows, 8):
+        rows = [{"sample_id": f"s{i:05d}", "question_id": 0, "question": "q",
+                 "split": "train" if i else "val",
+                 "target_tokens": torch.randint(3, V, (a.seq,), generator=g).tolist(),
+                 "draft_tokens": torch.randint(3, V, (a.seq,), generator=g).tolist()}
+                for i in range(start, min(start + 8, a.rows))]
+        n = a.seq * len(rows)
+        names = [f"target.h{i}" for i in LAYERS] + ["target.final"]
+        w.write_shard(rows, {k: torch.randn(n, H, generator=g, dtype=torch.bfloat16) for k in names})
+    w.save_heads({"target.lm_head": torch.randn(V, H, dtype=torch.bfloat16) * 0.02,
+                  "target.embed_tokens": torch.randn(V, H, dtype=torch.bfloat16) * 0.02,
+                  "draft.lm_head": torch.zeros(1, H, dtype=torch.bfloat16)})
+    return w.finalize()
+
+
+def eagle3_flops_per_token(c: Eagle3Config, T: int) -> float:
+    """Training FLOPs per response token: fc (forward + weight grad), the frozen teacher head
+    (forward), and per TTT step k the layer and head (forward + backward) with attention over
+    (T + 1) / 2 real rows plus k own steps."""
+    H, F, I, N = c.hidden_size, c.fc_in_features, c.intermediate_size, c.draft_vocab_size
+    kv = c.num_key_value_heads * H // c.num_attention_heads
+    per_step = 2 * (2 * H * (H + 2 * kv) + H * H + 3 * H * I + H * N)      # q/k/v, o, MLP, head
+    flops = 4 * F * H + 2 * H * N
+    for k in range(c.ttt_steps):
+        flops += 3 * (per_step + 4 * H * ((T + 1) / 2 + k))
+    return flops
+
+
+def token_adapter_flops_per_token(c: TokenAdapterConfig, T: int) -> float:
+    """Training FLOPs per target token, with an equally long draft segment: both segments
+    through every layer, causal self-attention, cross-attention, head and pointer."""
+    d, f, V = c.d_model, c.d_ff, c.vocab_size
+    layer = 2 * (4 * d * d + 2 * d * f) + 4 * d * (T + 1) / 2
+    cross = 4 * d * T if c.condition_on_draft else 0
+    streams = 2 if c.condition_on_draft else 1
+    fwd = c.n_layer * (streams * layer + cross) + 2 * d * V + (4 * d * d + 2 * d * T if c.copy else 0)
+    return 3 * fwd
+
+
+def loader_rate(dm, seconds: float = 3.0) -> float:
+    """Response tokens per second the train loader delivers (host side only)."""
+    loader = dm.train_dataloader()
+    tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for b in loader:
+            tokens += int((b["length"] if "length" in b else b["target_len"]).sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def step_rate(module, batches: list[dict], device: str, warmup: int, steps: int) -> tuple[float, float]:
+    """-> (seconds per step, response tokens per step), the step as Lightning runs it."""
+    module.to(device).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        batch = batches[i % len(batches)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = module.losses(batch, train=True)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    lengths = [int((b["length"] if "length" in b else b["target_len"]).sum()) for b in batches]
+    return (time.perf_counter() - t0) / steps, sum(lengths) / len(lengths)
+
+
+def bench_eagle3(store: Path, a) -> dict:
+    H = a.hidden
+    heads = a.heads or max(1, H // 128)
+    c = Eagle3Config(hidden_size=H, intermediate_size=a.intermediate or 11008 * H // 4096,
+                     num_attention_heads=heads, num_key_value_heads=heads, vocab_size=a.vocab,
+                     draft_vocab_size=min(a.draft_vocab, a.vocab),
+                     feature_names=[f"target.h{i}" for i in LAYERS], fc_in_features=3 * H,
+                     aux_layer_ids=LAYERS, ttt_steps=a.ttt)
+    dm = FeatureDataModule(str(store), c.feature_names, batch_size=a.batch, num_workers=a.workers,
+                           max_len=a.seq)
+    module = Eagle3Module(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED, store=str(store))
+    batches = [to_device(b, a.device) for _, b in zip(range(4), dm.train_dataloader())]
+    dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
+    return {"model": f"eagle3 H={H} N={c.draft_vocab_size} ttt={c.ttt_steps}",
+            "params": module.model.num_params(), "dt": dt, "tokens": tokens,
+            "flops": eagle3_flops_per_token(c, a.seq) * tokens, "loader": loader_rate(dm)}
+
+
+def bench_token_adapter(store: Path, a) -> dict:
+    c = TokenAdapterConfig(vocab_size=a.vocab, max_len=a.seq)
+    dm = TokenPairDataModule(str(store), batch_size=a.batch, num_workers=a.workers, max_len=a.seq)
+    module = TokenAdapterModule(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED)
+    batches = [to_device(b, a.device) for _, b in zip(range(4), dm.train_dataloader())]
+    dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
+    return {"model": f"token_adapter d={c.d_model} V={c.vocab_size}", "params": module.model.num_params(),
+            "dt": dt, "tokens": tokens, "flops": token_adapter_flops_per_token(c, a.seq) * tokens,
+            "loader": loader_rate(dm)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=None, help="default 11008 * hidden / 4096")
+    p.add_argument("--heads", type=int, default=None, help="default hidden / 128 (at least 1)")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--draft-vocab", type=int, default=256)
+    p.add_argument("--ttt", type=int, default=7)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s (H100/H200 dense bf16)")
+    p.add_argument("--adapter", choices=["eagle3", "token_adapter", "both"], default="both")
+    p.add_argument("--store", default=None, help="reuse/keep the synthetic store here")
+    a = p.parse_args()
+    root = Path(a.store or tempfile.mkdtemp(prefix="bench_store_"))
+    store = root if (root / "manifest.json").exists() else make_store(root, a)
+    results = []
+    if a.adapter in ("eagle3", "both"):
+        results.append(bench_eagle3(store, a))
+    if a.adapter in ("token_adapter", "both"):
+        results.append(bench_token_adapter(store, a))
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    print(f"\ndevice {name}, batch {a.batch} x seq {a.seq}, peak {a.peak / 1e12:.0f} TFLOP/s, "
+          f"{a.workers} loader workers")
+    print(f"{'model':<40} {'params':>9} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'loader tok/s':>13} {'loader/step':>11}")
+    for r in results:
+        rate = r["tokens"] / r["dt"]
+        flops = r["flops"] / r["dt"]
+        print(f"{r['model']:<40} {r['params'] / 1e6:>8.1f}M {r['dt'] * 1e3:>9.1f} {rate:>10.0f} "
+              f"{flops / 1e12:>8.2f} {flops / a.peak:>6.1%} {r['loader']:>13.0f} "
+              f"{r['loader'] / rate:>10.1f}x")
+
+
+if __name__ == "__main__":
+    main()

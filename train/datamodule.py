@@ -1,0 +1,183 @@
+"""Lightning DataModules over a feature store (read memory-mapped, row by row).
+
+- TokenPairDataModule: draft and target tokens; works on tokens-only and full stores.
+- FeatureDataModule: target tokens, the fused EAGLE-3 source features and `target.final`
+  (the teacher's logits are recomputed from it); needs a full store.
+
+`train_split` feeds training and `val_split` validation; the test split is refused for both.
+Training batches come from ResumableBatchSampler: their order is a function of (seed, epoch)
+only and a resumed run starts at the batch it stopped at, so a killed-then-resumed run sees the
+same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from adapters.eagle3 import fuse_features
+from data.store import FeatureStore, Row
+from specalign.errors import DataError, SpecalignError
+
+PAD_ID = 0
+
+
+def check_splits(train_split: str, val_split: str) -> None:
+    if "test" in (train_split, val_split) or "all" in (train_split, val_split):
+        raise SpecalignError(f"training uses train/val splits only (got train={train_split!r}, "
+                             f"val={val_split!r}); the test split is for `specalign evaluate`")
+
+
+def pad(seqs: list[torch.Tensor], value=0) -> torch.Tensor:
+    """Right-pad 1-D or 2-D tensors along dim 0 -> [B, T_max, ...]."""
+    T = max((len(s) for s in seqs), default=0)
+    out = seqs[0].new_full((len(seqs), max(T, 1), *seqs[0].shape[1:]), value)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Shuffled batches; global batch g lives in epoch g // len(self), shuffled by seed + epoch.
+
+    Iteration starts at global batch `start` and runs to the end of that epoch; the next
+    iteration starts the following epoch. Under DDP each rank takes its own slice of every
+    epoch's permutation (equal lengths on every rank)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_rank = n // world
+        self.next = start
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.next, len(self))
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        mine = perm[self.rank:: self.world][: self.per_rank]
+        for batch in mine.split(self.batch_size)[offset:]:
+            self.next += 1
+            yield batch.tolist()
+
+
+class _StoreDataModule(L.LightningDataModule):
+    def __init__(self, store: str, batch_size: int = 16, num_workers: int = 0, train_split: str = "train",
+                 val_split: str = "val", seed: int = 0):
+        super().__init__()
+        check_splits(train_split, val_split)
+        self.root, self.batch_size, self.num_workers, self.seed = store, batch_size, num_workers, seed
+        self.train_split, self.val_split = train_split, val_split
+        self.store = FeatureStore(store)
+        self.train_rows, self.val_rows = self.store.select(train_split), self.store.select(val_split)
+        for split, rows in ((train_split, self.train_rows), (val_split, self.val_rows)):
+            if not rows:
+                raise DataError(self.root, f"the store has no rows in the {split!r} split")
+
+    def dataset(self, rows: list[Row]) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def _loader(self, rows, **kw) -> DataLoader:
+        return DataLoader(self.dataset(rows), collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        start = t.global_step * t.accumulate_grad_batches if t is not None else 0
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.train_rows), self.batch_size, self.seed, start, rank, world)
+        return self._loader(self.train_rows, batch_sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, batch_size=self.batch_size, shuffle=False)
+
+
+class TokenPairs(Dataset):
+    def __init__(self, rows: list[Row], max_len: int):
+        self.items = [(r.draft_tokens[:max_len], r.target_tokens[:max_len]) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        draft, target = self.items[i]
+        return {"draft": torch.tensor(draft, dtype=torch.long),
+                "target": torch.tensor(target, dtype=torch.long)}
+
+
+def collate_tokens(items: list[dict]) -> dict:
+    """-> draft [B, m], draft_len [B], target [B, n], target_len [B] (right padded with PAD_ID)."""
+    return {"draft": pad([it["draft"] for it in items], PAD_ID),
+            "draft_len": torch.tensor([len(it["draft"]) for it in items]),
+            "target": pad([it["target"] for it in items], PAD_ID),
+            "target_len": torch.tensor([len(it["target"]) for it in items])}
+
+
+class TokenPairDataModule(_StoreDataModule):
+    def __init__(self, store: str, max_len: int = 1024, **kw):
+        super().__init__(store, **kw)
+        self.max_len = max_len
+
+    def dataset(self, rows):
+        return TokenPairs(rows, self.max_len)
+
+    def collate(self, items):
+        return collate_tokens(items)
+
+
+class FeatureRows(Dataset):
+    """One item per row: tokens [n], feats [n, fc_in] (names concatenated), final [n, H] (bf16).
+
+    The store is opened lazily in each worker process (its file handles do not pickle)."""
+
+    def __init__(self, root: str, rows: list[Row], feature_names: list[str], max_len: int):
+        self.root, self.rows, self.names, self.max_len = root, rows, list(feature_names), max_len
+        self._store: FeatureStore | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = FeatureStore(self.root)
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row, n = self.rows[i], min(len(self.rows[i].target_tokens), self.max_len)
+        feats = fuse_features(lambda name: self.store.hidden(row, name)[:n], self.names)
+        return {"tokens": torch.tensor(row.target_tokens[:n], dtype=torch.long), "feats": feats,
+                "final": self.store.hidden(row, "target.final")[:n]}
+
+
+def collate_features(items: list[dict]) -> dict:
+    """-> tokens [B, T], length [B], feats [B, T, fc_in], final [B, T, H] (zero padded)."""
+    return {"tokens": pad([it["tokens"] for it in items], PAD_ID),
+            "length": torch.tensor([len(it["tokens"]) for it in items]),
+            "feats": pad([it["feats"] for it in items]),
+            "final": pad([it["final"] for it in items])}
+
+
+class FeatureDataModule(_StoreDataModule):
+    def __init__(self, store: str, feature_names: list[str], max_len: int = 2048, **kw):
+        super().__init__(store, **kw)
+        if not self.store.has_hidden:
+            raise DataError(store, "EAGLE-3 training needs hidden states, this is a tokens-only store",
+                            "use a store written by `specalign extract`")
+        self.feature_names, self.max_len = list(feature_names), max_len
+
+    def dataset(self, rows):
+        return FeatureRows(self.root, rows, self.feature_names, self.max_len)
+
+    def collate(self, items):
+        return collate_features(items)

@@ -1,0 +1,46 @@
+"""`specalign export run=RUN out=DIR [format=native|speculators] [ckpt=best|last]`
+
+Turns a training checkpoint into a drafter directory that `adapters.export_format.load_drafter`
+(and, for format=speculators, vLLM) loads without the training code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from adapters.export_format import build_drafter, save_drafter
+from specalign.errors import DataError
+from specalign.stage import hydra_stage
+
+
+def load_checkpoint(run: str | Path, ckpt: str = "best") -> dict:
+    path = Path(run) / "checkpoints" / f"{ckpt}.ckpt"
+    if not path.exists():
+        raise DataError(path, "no such checkpoint", "is this a run directory written by `specalign train`?")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def drafter_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
+    model = build_drafter(checkpoint["drafter_type"], checkpoint["hyper_parameters"]["model"])
+    model.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                           if k.startswith("model.")})
+    return model.eval()
+
+
+def export_run(run: str | Path, out: str | Path, format: str = "native", ckpt: str = "best") -> Path:
+    checkpoint = load_checkpoint(run, ckpt)
+    extra = {"source_store": checkpoint["hyper_parameters"].get("source"),
+             "trained": {"run": str(run), "checkpoint": ckpt, "global_step": checkpoint["global_step"]}}
+    return save_drafter(drafter_from_checkpoint(checkpoint), out, extra, format)
+
+
+@hydra_stage("export")
+def main(cfg: DictConfig) -> None:
+    print(export_run(cfg.run, cfg.out, cfg.format, cfg.ckpt))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""`specalign train`: train a drafter on a feature store.
+
+    specalign train adapter=token_adapter|eagle3 store=STORE out=RUN [trainer=gpu] [resume=true]
+    specalign train -m adapter.lr=1e-4,3e-4 store=STORE out=SWEEP      # one run per job: SWEEP/<n>
+    specalign train hparams_search=token_adapter_optuna store=STORE out=SWEEP
+
+A run directory holds config.yaml, metrics.csv, curves.png (rewritten at the end of every run,
+also when it stops early), checkpoints/{best,last}.ckpt (best by val/tau), logs/ (the CSV
+logger's versions; TensorBoard and W&B when asked) and .hydra/. `resume=true` continues from
+checkpoints/last.ckpt with optimizer, scheduler and data position. Returns the best val/tau,
+which the Optuna sweeper maximises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from adapters.eagle3 import Eagle3Config
+from adapters.token_adapter import TokenAdapterConfig
+from data.store import IDENTITY_KEYS, FeatureStore
+from specalign.errors import DataError, SpecalignError
+from specalign.io import write_text
+from specalign.stage import hydra_stage
+from train.curves import collect_metrics, load_metrics, plot_runs
+from train.datamodule import FeatureDataModule, TokenPairDataModule, check_splits
+from train.modules import Eagle3Module, TokenAdapterModule
+
+log = logging.getLogger("specalign.train")
+
+# ResumableBatchSampler restarts mid-epoch at the right batch by itself; Lightning cannot tell
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+# a resumed run keeps its checkpoints directory (a fresh run into a used one is refused)
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
+class SaveLast(Callback):
+    """checkpoints/last.ckpt every `every` optimizer steps and when fitting ends."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every, self.saved_at = path, every, -1
+
+    def _save(self, trainer) -> None:
+        if trainer.global_step != self.saved_at:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The job's own directory: `out`, or `out/<job number>` under multirun."""
+    out = Path(cfg.out)
+    if HydraConfig.initialized():
+        job = Path(HydraConfig.get().runtime.output_dir)
+        if job.parent.resolve() == out.resolve():
+            return job
+    return out
+
+
+def source_info(store: FeatureStore) -> dict:
+    return {"path": str(store.root), "identity": {k: store.manifest.get(k) for k in IDENTITY_KEYS}}
+
+
+def eagle3_config(a: dict, store: FeatureStore, train_split: str) -> Eagle3Config:
+    if not store.has_hidden:
+        raise DataError(store.root, "EAGLE-3 training needs hidden states, this is a tokens-only store",
+                        "use a store written by `specalign extract`")
+    target = store.manifest["target"]
+    H, V = target["hidden_size"], target["vocab_size"]
+    sources = ["target", "draft"] if a["feature_source"] == "both" else [a["feature_source"]]
+    names = [n for s in sources for n in store.feature_names(s)[:3]]   # low/mid/high, not final
+    row = store.select(train_split)[0]
+    heads = a["num_attention_heads"] or max(1, H // 128)
+    return Eagle3Config(
+        hidden_size=H, intermediate_size=a["intermediate_size"] or 11008 * H // 4096,
+        num_attention_heads=heads, num_key_value_heads=a["num_key_value_heads"] or heads,
+        rms_norm_eps=a["rms_norm_eps"], rope_theta=a["rope_theta"], vocab_size=V,
+        draft_vocab_size=min(a["draft_vocab_size"], V), feature_source=a["feature_source"],
+        feature_names=names, fc_in_features=sum(store.hidden(row, n).shape[-1] for n in names),
+        aux_layer_ids=store.layers("target"), ttt_steps=a["ttt_steps"], ttt_decay=a["ttt_decay"])
+
+
+def build(cfg: DictConfig, store: FeatureStore):
+    """-> (LightningModule, LightningDataModule) for cfg.adapter.kind."""
+    a = OmegaConf.to_container(cfg.adapter, resolve=True)
+    common = {"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+              "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True), "source": source_info(store),
+              "val_gamma": cfg.val.gamma, "val_max_rows": cfg.val.max_rows, "seed": cfg.seed}
+    data_kw = {"batch_size": a["batch_size"], "num_workers": cfg.num_workers, "train_split": cfg.train_split,
+               "val_split": cfg.val_split, "seed": cfg.seed, "max_len": a["max_len"]}
+    if a["kind"] == "token_adapter":
+        model = TokenAdapterConfig.from_dict({**a, "vocab_size": store.manifest["target"]["vocab_size"]})
+        module = TokenAdapterModule(model=model.to_dict(), **common)
+        log.info("TokenAdapter: %.2fM parameters", module.model.num_params() / 1e6)
+        return module, TokenPairDataModule(cfg.store, **data_kw)
+    if a["kind"] == "eagle3":
+        model = eagle3_config(a, store, cfg.train_split)
+        module = Eagle3Module(model=model.to_dict(), store=cfg.store, train_split=cfg.train_split, **common)
+        log.info("EAGLE-3 drafter: %.2fM trainable parameters", module.model.num_params() / 1e6)
+        return module, FeatureDataModule(cfg.store, model.feature_names, **data_kw)
+    raise SpecalignError(f"adapter.kind must be token_adapter or eagle3, got {a['kind']!r}")
+
+
+def loggers(cfg: DictConfig, run: Path) -> list:
+    """CSV always; whatever `logger.extra` holds besides (W&B offline unless logger.online)."""
+    if not cfg.logger.online and os.environ.get("WANDB_MODE") != "disabled":
+        os.environ["WANDB_MODE"] = "offline"
+    return [CSVLogger(run, name="logs")] + [instantiate(c) for c in cfg.logger.extra.values()]
+
+
+@rank_zero_only
+def write_config(run: Path, cfg: DictConfig) -> None:
+    write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_outputs(run: Path) -> None:
+    if (run / "logs").exists():
+        plot_runs({run.name: load_metrics(collect_metrics(run))}, run / "curves.png")
+
+
+def train(cfg: DictConfig) -> float:
+    run = run_dir(cfg)
+    check_splits(cfg.train_split, cfg.val_split)
+    last = run / "checkpoints" / "last.ckpt"
+    if cfg.resume and not last.exists():
+        raise DataError(last, "nothing to resume from", "start the run without resume=true")
+    if not cfg.resume and last.exists():
+        raise DataError(run, "already holds a trained run",
+                        "pass resume=true to continue it, or choose another out=")
+    store = FeatureStore(cfg.store)
+    L.seed_everything(cfg.seed, workers=True)
+    module, data = build(cfg, store)
+    write_config(run, cfg)
+    best = ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/tau", mode="max",
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    trainer = L.Trainer(**cfg.trainer, logger=loggers(cfg, run), default_root_dir=run,
+                        use_distributed_sampler=False,
+                        callbacks=[best, SaveLast(last, cfg.checkpoint_every_n_steps),
+                                   LearningRateMonitor(logging_interval="step")])
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=last if cfg.resume else None)
+    finally:
+        if trainer.is_global_zero:
+            write_outputs(run)
+    score = best.best_model_score
+    log.info("run %s: best val/tau %s", run, None if score is None else f"{float(score):.3f}")
+    return float(score) if score is not None else float("nan")
+
+
+@hydra_stage("train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
