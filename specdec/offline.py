@@ -76,7 +76,7 @@ def expected_sampling_acceptance(store: FeatureStore, rows: Iterable[Row],
     total, count = 0.0, 0
     for row in rows:
         p = torch.softmax(head_logits(store, row, "target") / temperature, -1)
-        q = torch.softmax(drafter_logits(row).float() / temperature, -1)
+        q = torch.nan_to_num(torch.softmax(drafter_logits(row).float() / temperature, -1), nan=0.0)
         v = min(p.shape[-1], q.shape[-1])
         p, q = p[:, :v], q[:, :v]
         total += float(expected_accept(p, q).sum())
