@@ -25,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
 
 from data.samples import Sample
+from data.store import split_of
 from specalign.errors import DataError
 from specalign.io import atomic_path
 
@@ -96,9 +97,16 @@ def sample_from_row(row: dict, root: str | Path, duration: str,
     if not qs:
         raise DataError(root, f"row {row['id']!r} has no questions",
                         "give data.questions or human turns in conversations")
-    return Sample(id=str(row["id"]), split=row.get("split"), duration=duration, video_path=video,
+    return Sample(id=sample_id(row["id"], duration), split=row.get("split") or split_of(str(row["id"])),
+                  duration=duration, video_path=video,
                   event_images=images, event_path=events, questions=qs,
                   meta={k: v for k, v in row.items() if k not in ROW_KEYS})
+
+
+def sample_id(row_id, duration: str) -> str:
+    """Ids are unique across durations ("1s/<seq>/<clip>"); the split is decided per clip, so the
+    1 s and 500 ms versions of a clip always land in the same split."""
+    return f"{duration}/{row_id}"
 
 
 def questions_of(conversations: list[dict]) -> list[str]:
@@ -130,7 +138,7 @@ def load_dataset(root: str | Path, questions: list[str] | None = None, limit: in
             if strict:
                 raise
             first_error = first_error or e
-            errors.append({"id": str(row.get("id", "?")), "path": e.path, "reason": e.problem})
+            errors.append({"id": sample_id(row.get("id", "?"), duration), "path": e.path, "reason": e.problem})
     if not samples:
         raise first_error
     return samples, errors

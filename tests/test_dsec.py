@@ -71,7 +71,7 @@ def test_typed_samples(pristine):
     samples, errors = load_dataset(pristine)
     assert errors == [] and len(samples) == 3 and all(isinstance(s, Sample) for s in samples)
     s = samples[1]
-    assert s.id == "zurich_00/000001" and s.split == "train" and s.duration == "1s"
+    assert s.id == "1s/zurich_00/000001" and s.split == "train" and s.duration == "1s"
     assert s.video_path == pristine / "mp4/zurich_00/000001.mp4" and s.video_path.is_file()
     assert s.event_path == pristine / "event_npy/zurich_00/000001.npy"
     assert [p.name for p in s.event_images] == ["000001_0.png", "000001_1.png"]
@@ -97,8 +97,8 @@ def test_skip_and_record(dataset):
     (dataset / "mp4/zurich_00/000000.mp4").unlink()
     (dataset / "event_image/zurich_00/000002_1.png").unlink()
     samples, errors = load_dataset(dataset)
-    assert [s.id for s in samples] == ["zurich_00/000001"]
-    assert [e["id"] for e in errors] == ["zurich_00/000000", "zurich_00/000002"]
+    assert [s.id for s in samples] == ["1s/zurich_00/000001"]
+    assert [e["id"] for e in errors] == ["1s/zurich_00/000000", "1s/zurich_00/000002"]
     assert errors[0]["path"] == str(dataset / "mp4/zurich_00/000000.mp4")
     assert errors[1]["path"] == str(dataset / "event_image/zurich_00/000002_1.png")
     assert all("missing" in e["reason"] for e in errors)
