@@ -37,7 +37,7 @@ def drafter_entries(path: str | Path, store: FeatureStore, rows: list[Row], name
 
     model = load_drafter(path)
     kind = drafter_config(path).get("drafter_type", type(model).__name__)
-    name = name or f"drafter ({kind})"
+    name = name or "drafter"
     if isinstance(model, TokenAdapter):
         return _token_adapter_entries(model, name, allow_ablation)
     if isinstance(model, Eagle3Drafter):
@@ -73,10 +73,10 @@ def _token_adapter_entries(model, name: str, allow_ablation: bool) -> Entries:
     logits = {name: lambda r: token_adapter_logprobs(model, r, True)}
     notes = []
     if model.config.condition_on_draft and allow_ablation:
-        ab = "no_draft (same weights, draft removed)"
+        ab = "no_draft"
         props[ab] = lambda r: _token_adapter_proposer(model, r, False)
         logits[ab] = lambda r: token_adapter_logprobs(model, r, False)
-        notes.append(f"'{ab}': the trained drafter with its draft segment removed (it was trained with "
+        notes.append("'no_draft': the same weights with the draft segment removed (the model was trained with "
                      "draft dropout); pass no_draft=DIR for a separately trained ablation.")
     return props, logits, notes
 
@@ -104,6 +104,6 @@ def _eagle3_entries(model, store: FeatureStore, name: str) -> Entries:
     def logprobs(row: Row) -> torch.Tensor:
         return torch.nan_to_num(model.logits(feats(row), row.target_tokens).float(), nan=float("-inf"))
 
-    notes = [f"'{name}': EAGLE-3 with {model.config.feature_source} features; its first round of each response "
+    notes = [f"'{name}': EAGLE-3 on {model.config.feature_source} features; its first round of each response "
              "proposes nothing (no accepted token to embed yet), as EAGLE's prefill."]
     return {name: proposer}, {name: logprobs}, notes

@@ -1,0 +1,251 @@
+"""`specalign pipeline [pipeline=quick]`: every stage on the embedded synthetic world.
+
+    synth -> teach the tiny pair (cached) -> extract (1 s and 500 ms clips, one store)
+          -> train TokenAdapter (with / without the draft) -> train EAGLE-3 (target / draft / both)
+          -> export -> evaluate offline (+ online on a few test requests) -> summary
+
+Each step composes the stage's own config (conf/<stage>.yaml) with overrides from
+conf/pipeline/<preset>.yaml and calls the same function the stage's CLI calls, so the
+pipeline runs exactly what a user runs stage by stage. The world and the taught pair are
+cached under `cache` by a key of their configuration; everything else goes to `out`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from specalign.io import write_json, write_text
+from specalign.stage import hydra_stage
+
+log = logging.getLogger("specalign.pipeline")
+console = Console()
+
+
+class Steps:
+    """Numbered, timed step headers."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, time.perf_counter()
+
+    def __call__(self, title: str) -> None:
+        self.n += 1
+        console.rule(f"[bold]{self.n}/{self.total} {title}[/]  ({time.perf_counter() - self.t0:.0f} s)")
+
+
+def _value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return "'" + v.replace("'", "\\'") + "'"
+    return str(v)
+
+
+def overrides(d: dict | DictConfig | None, prefix: str = "") -> list[str]:
+    """Flatten a mapping into Hydra `key=value` overrides."""
+    d = OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else (d or {})
+    out = []
+    for k, v in d.items():
+        out += overrides(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={_value(v)}"]
+    return out
+
+
+def key_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+def make_world(P: DictConfig, cache: Path) -> dict:
+    from data.synth import WorldConfig, synthesize
+
+    world = OmegaConf.to_container(P.world, resolve=True)
+    out = cache / "worlds" / key_of(world)
+    done = out / "done.json"
+    if not done.exists():
+        settings = {k: v for k, v in world.items() if k in WorldConfig.__dataclass_fields__}
+        synthesize(out, world["clips"], world["seed"], tuple(world["durations"]), WorldConfig(**settings),
+                   workers=world.get("workers", 1))
+        write_json(done, world)
+    else:
+        console.print(f"world from the cache: {out}")
+    return {**world, "out": str(out)}
+
+
+def teach(P: DictConfig, world: dict, cache: Path) -> tuple[Path, Path]:
+    from train.teach import cached_teach
+
+    return cached_teach(world, OmegaConf.to_container(P.teach, resolve=True), cache / "teach")
+
+
+def extract(P: DictConfig, world: dict, pair: tuple[Path, Path], store: Path) -> Path:
+    from train.extract import extract as run_extract
+
+    for d in world["durations"]:
+        cfg = compose("extract", [f"data=synthetic_{d}", f"data.root={world['out']}/synthetic_{d}",
+                                  "models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
+                                  f"models.draft.path={pair[1]}", f"out={store}", *overrides(P.extract)])
+        run_extract(cfg)
+    return store
+
+
+def train_run(P: DictConfig, store: Path, run: Path, adapter: str, extra: list[str]) -> Path:
+    from train.train import train as run_train
+
+    preset = P.token_adapter if adapter == "token_adapter" else P.eagle3
+    cfg = compose("train", [f"adapter={adapter}", f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
+                            *overrides(preset, "adapter."), *extra])
+    run_train(cfg)
+    return run
+
+
+def export(run: Path, out: Path, fmt: str = "native") -> Path:
+    from train.export import export_run
+
+    return export_run(run, out, fmt)
+
+
+def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
+    from specdec.evaluate import evaluate_offline
+    from specdec.report import write_report
+
+    report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
+                              str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
+    write_report(report, out)
+    return report
+
+
+def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], world: dict,
+                    out: Path) -> dict | None:
+    try:
+        from specdec.online_eval import evaluate_online as run_online
+    except ImportError:
+        return None
+    from specdec.report import write_report
+
+    cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
+                               f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
+                               "+models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
+                               f"models.draft.path={pair[1]}", f"+data=synthetic_{world['durations'][0]}",
+                               f"data.root={world['out']}/synthetic_{world['durations'][0]}",
+                               f"max_new_tokens={P.extract.max_new_tokens}"])
+    report = run_online(cfg, [int(P.evaluate.gammas[-1])])
+    write_report(report, out)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
+    """One row per drafter and baseline (baselines once), at `gamma`, test split."""
+    rows, seen = [], set()
+    for label, report in reports.items():
+        for name, per_gamma in report["results"].items():
+            is_baseline = name in ("raw_draft", "draft_model") or name.startswith("stored:")
+            key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
+            if key in seen:
+                continue
+            seen.add(key)
+            s = per_gamma[str(gamma)]
+            rows.append({"drafter": key, "baseline": is_baseline, "tau": s["tau"], "alpha": s["alpha"],
+                         "rounds": s["rounds"], "samples": s["samples"]})
+    return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
+
+
+def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path]) -> str:
+    table = Table(title=f"acceptance on the test split, γ={gamma} (offline, exact)")
+    for col in ("drafter", "τ", "α", "rounds", "online τ"):
+        table.add_column(col, justify="left" if col == "drafter" else "right")
+    md = [f"| drafter | τ (γ={gamma}) | α | rounds | online τ |", "|---|---|---|---|---|"]
+    for r in rows:
+        on = online.get(r["drafter"])
+        cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]),
+                 "" if on is None else f"{on:.3f}"]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    for what, path in where.items():
+        console.print(f"  {what:<14} {path}")
+    return "\n".join(md) + "\n"
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    P = cfg.pipeline
+    out, cache = Path(cfg.out), Path(cfg.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    step = Steps(8)
+
+    step("synthetic world")
+    world = make_world(P, cache)
+    step("teach the tiny pair (cached)")
+    pair = teach(P, world, cache)
+    step("extract paired tokens and hidden states")
+    store = extract(P, world, pair, out / "store")
+
+    runs = {}
+    step("train TokenAdapter, with and without the draft")
+    runs["token_adapter"] = train_run(P, store, out / "runs" / "token_adapter", "token_adapter", [])
+    runs["token_adapter_no_draft"] = train_run(P, store, out / "runs" / "token_adapter_no_draft", "token_adapter",
+                                               ["adapter.condition_on_draft=false"])
+    step("train EAGLE-3 on target, draft and both features")
+    for src in P.eagle3_sources:
+        runs[f"eagle3_{src}"] = train_run(P, store, out / "runs" / f"eagle3_{src}", "eagle3",
+                                          [f"adapter.feature_source={src}"])
+
+    step("export")
+    drafters = {name: export(run, out / "drafters" / name) for name, run in runs.items()}
+    if "eagle3_target" in runs:
+        export(runs["eagle3_target"], out / "drafters" / "eagle3_target_speculators", "speculators")
+
+    step("evaluate offline on the test split")
+    reports = {"token_adapter": evaluate(P, store, drafters["token_adapter"], out / "reports" / "token_adapter",
+                                         drafters["token_adapter_no_draft"])}
+    for src in P.eagle3_sources:
+        reports[f"eagle3_{src}"] = evaluate(P, store, drafters[f"eagle3_{src}"], out / "reports" / f"eagle3_{src}")
+
+    step("evaluate online (real speculative decoding with the tiny target)")
+    online = {}
+    if P.evaluate.online_limit:
+        for label in ("token_adapter", "eagle3_target"):
+            if label not in drafters:
+                continue
+            rep = evaluate_online(P, store, drafters[label], pair, world, out / "reports" / f"{label}_online")
+            for name, per_gamma in (rep or {}).get("results", {}).items():
+                is_baseline = name in ("raw_draft", "draft_model")
+                key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
+                online[key] = per_gamma[str(P.evaluate.gammas[-1])]["tau"]
+
+    from train.curves import plot_runs
+    from train.plot import metrics_of
+
+    curves = plot_runs({name: metrics_of(run) for name, run in runs.items()}, out / "curves.png")
+    gamma = int(P.evaluate.gammas[-1])
+    rows = summary_rows(reports, gamma)
+    where = {"world": Path(world["out"]), "taught pair": pair[0].parent, "store": store,
+             "runs": out / "runs", "drafters": out / "drafters", "reports": out / "reports", "curves": Path(curves)}
+    md = print_summary(rows, online, gamma, where)
+    summary = {"gamma": gamma, "rows": rows, "online_tau": online, "where": {k: str(v) for k, v in where.items()},
+               "seconds": time.perf_counter() - step.t0}
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", md)
+    console.print(f"done in {summary['seconds']:.0f} s; summary in {out / 'summary.md'}")
+    return summary
+
+
+@hydra_stage("pipeline")
+def main(cfg: DictConfig) -> dict:
+    return run_pipeline(cfg)
