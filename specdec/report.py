@@ -5,7 +5,14 @@ Structure of report.json:
     {"config": {...}, "store": {...manifest identity...}, "split": "test", "gammas": [..],
      "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
-     "costs": {...}, "speedup": {...}}                              # optional (online)
+     # online mode (specdec/online_eval.py):
+     "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
+               "draft": {prefill_s, decode_s, tokens_per_s},
+               "drafters": {name: {"<gamma>": {setup_s, round_s, step_s, tokens_per_s}}}},
+     "speedup": {name: {"<gamma>": {projected, projected_e2e, wall_clock}}},
+     "prefill_hiding": {gap_s, draft_step_s, tokens_fit, accepted, fit_total, accepted_total, accept_rate},
+     "checks": {requests, target_greedy_equals_store, draft_greedy_equals_store,
+                online_equals_target_greedy: {name: {"<gamma>": count}}}}
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ def markdown_table(report: dict) -> str:
             "|" + "---|" * (2 * len(report["by_duration"]) + 1)]
         for name in report["results"]:
             cells = []
-            for d, per_name in report["by_duration"].items():
+            for per_name in report["by_duration"].values():
                 s = per_name[name]
                 cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -48,14 +55,55 @@ def markdown_table(report: dict) -> str:
                   "| drafter | temperature | expected α |", "|---|---|---|"]
         for name, s in report["sampling"].items():
             lines.append(f"| {name} | {s['temperature']} | {s['expected_alpha']:.3f} |")
+    if report.get("costs"):
+        lines += cost_tables(report["costs"])
     if report.get("speedup"):
-        lines += ["", "Projected speedup from measured per-call costs:", "", "| drafter | γ | speedup |", "|---|---|---|"]
-        for name, per_gamma in report["speedup"].items():
-            for g, v in per_gamma.items():
-                lines.append(f"| {name} | {g} | {v:.2f}x |")
+        lines += speedup_table(report["speedup"])
+    if report.get("prefill_hiding"):
+        lines += prefill_hiding_lines(report["prefill_hiding"])
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None, spec: str = ".3g") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def cost_tables(costs: dict) -> list[str]:
+    t, d = costs["target"], costs["draft"]
+    lines = ["", "Measured per-call costs (seconds, means over the requests):", "", "| call | seconds |", "|---|---|",
+             f"| target prefill | {_num(t['prefill_s'])} |", f"| target decode step | {_num(t['decode_s'])} |"]
+    lines += [f"| target verification of γ+1 tokens (γ={g}) | {_num(v)} |" for g, v in t["verify_s"].items()]
+    lines += [f"| draft prefill | {_num(d['prefill_s'])} |", f"| draft decode step | {_num(d['decode_s'])} |", "",
+              f"Plain greedy decoding: target {t['tokens_per_s']:.1f} tokens/s, draft {d['tokens_per_s']:.1f} tokens/s.",
+              "", "| drafter | γ | setup s | drafting s / round | s / drafted token | tokens/s |", "|---|---|---|---|---|---|"]
+    for name, per_gamma in costs["drafters"].items():
+        for g, c in per_gamma.items():
+            lines.append(f"| {name} | {g} | {_num(c['setup_s'])} | {_num(c['round_s'])} | {_num(c['step_s'])} "
+                         f"| {c['tokens_per_s']:.1f} |")
+    return lines
+
+
+def speedup_table(speedup: dict) -> list[str]:
+    lines = ["", ("Speedup over plain target decoding: projected = τ·t_decode / (t_verify(γ) + t_round); end to "
+                  "end adds the target prefill and the drafter's setup over the mean response; wall clock is measured."),
+             "",
+             "| drafter | γ | projected | projected end to end | wall clock |", "|---|---|---|---|---|"]
+    for name, per_gamma in speedup.items():
+        for g, s in per_gamma.items():
+            cells = [_num(s[k], ".2f") + ("x" if s[k] is not None else "")
+                     for k in ("projected", "projected_e2e", "wall_clock")]
+            lines.append(f"| {name} | {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def prefill_hiding_lines(h: dict) -> list[str]:
+    return ["", ("Prefill hiding (both prefills started together): target prefill minus draft prefill "
+                 f"{_num(h['gap_s'])} s, draft decode step {_num(h['draft_step_s'])} s; "
+                 f"{_num(h['tokens_fit'])} draft tokens fit in the gap per request ({h['fit_total']} in all), "
+                 f"of which the target accepts {_num(h['accepted'])} ({h['accepted_total']} in all, "
+                 f"rate {_num(h['accept_rate'])}).")]
 
 
 def plot_report(report: dict, out_dir: Path) -> list[Path]:

@@ -1,0 +1,327 @@
+"""`specalign evaluate mode=online`: real speculative decoding with the two VLMs, one request at a time.
+
+For each request of the store's split (rebuilt from the dataset: sample id and question of each row),
+the target (Video-LLaVA, with its video) is prefilled and decoded by `specdec.online.speculative_generate`
+with each drafter:
+- `raw_draft`: EventGPT's own free-running greedy response, proposed position by position;
+- `draft_model`: EventGPT as an ordinary draft model (its event prefill, KV cache rolled back each round);
+- the exported drafter (TokenAdapter on EventGPT's response, or EAGLE-3 on the target's and/or EventGPT's
+  features, see specdec/online_drafters.py), and `no_draft` when given (or the TokenAdapter's
+  draft-removed ablation).
+Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
+and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
+decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
+whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
+
+Projected speedup (per-call costs are means over the requests). A round costs one target verification
+of gamma + 1 tokens, t_verify(gamma), plus the drafter's proposal, t_round (its measured mean per round,
+about gamma drafter steps), and yields tau tokens, which plain decoding makes in tau decode steps:
+
+    speedup     = tau * t_decode / (t_verify(gamma) + t_round)
+
+End to end, for the mean response length n, with the target prefill t_prefill and the drafter's
+per-sequence setup t_setup (its prefill; for drafters reading EventGPT's response, the whole
+free-running generation, counted as if run before the target):
+
+    speedup_e2e = (t_prefill + (n - 1) t_decode) / (t_prefill + t_setup + (n / tau) (t_verify(gamma) + t_round))
+
+Wall clock: tokens/s of the online runs (setup included) over those of plain target decoding.
+
+Prefill hiding: with both prefills started together (separate devices or streams), EventGPT has its
+first token when its prefill ends and one more per draft decode step, so when the target's prefill ends
+k = 1 + floor((t_prefill_target - t_prefill_draft) / t_draft_step) draft tokens exist (0 when the draft
+prefill is the slower), at most the draft response. The target verifies them in its first round and
+accepts the longest prefix equal to its own greedy response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from data.samples import Request
+from data.store import FeatureStore, Row
+from specalign.errors import DataError, SpecalignError
+from specdec.metrics import Acceptance, first_run_matches
+from specdec.online import (
+    Drafter,
+    GreedyResult,
+    ModelDrafter,
+    OnlineResult,
+    TokenListDrafter,
+    greedy_generate,
+    speculative_generate,
+)
+from specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+
+log = logging.getLogger("specalign.evaluate")
+
+
+@dataclass
+class Prepared:
+    """One request, prefilled and decoded plainly by both models."""
+
+    row: Row
+    target_prefill: dict
+    draft_prefill: dict
+    greedy: GreedyResult    # plain target decoding: the reference output and its per-call costs
+    draft: GreedyResult     # EventGPT's free-running greedy response and its per-call costs
+
+
+@dataclass
+class Entry:
+    """A drafter of the report and the engine's per-sequence `request` for it."""
+
+    drafter: Drafter
+    request: Callable[[Prepared], Any]
+    hidden_layers: Sequence[int] = ()
+    reads_draft_response: bool = False    # its input, EventGPT's response, is generated before the run
+    runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- requests
+
+def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
+    """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the store's data.root."""
+    from data.dsec import load_dataset, load_from_config
+
+    if cfg.get("data"):
+        samples, _ = load_from_config(cfg.data)
+    else:
+        data = store.manifest.get("data") or {}
+        if not data.get("root"):
+            raise DataError(store.root / "manifest.json", "no data.root recorded",
+                            "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
+        samples, _ = load_dataset(data["root"], questions=store.manifest.get("questions"),
+                                  duration=data.get("duration"))
+    return {s.id: s for s in samples}
+
+
+def requests_of_rows(rows: list[Row], samples: dict) -> list[Request]:
+    missing = [r.sample_id for r in rows if r.sample_id not in samples]
+    if missing:
+        raise DataError(missing[0], f"{len(missing)} store rows have no sample in the dataset",
+                        "give the dataset the store was extracted from (data.root=...)")
+    return [Request(samples[r.sample_id], r.question_id, r.question) for r in rows]
+
+
+def prefill_spec(batch) -> dict:
+    """The engine's prefill of a one-request Batch: prompt and pixel values, logits of the last position."""
+    return {**batch.inputs, "logits_to_keep": 1}
+
+
+def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos: dict) -> Prepared:
+    tp, dp = prefill_spec(target.prepare([request])), prefill_spec(draft.prepare([request]))
+    return Prepared(row, tp, dp, greedy_generate(target.model, tp, max_new_tokens, eos["target"]),
+                    greedy_generate(draft.model, dp, max_new_tokens, eos["draft"]))
+
+
+# ----------------------------------------------------------------------------- drafters
+
+def baseline_entries(draft) -> dict[str, Entry]:
+    return {"raw_draft": Entry(TokenListDrafter(), lambda p: p.draft.tokens, reads_draft_response=True),
+            "draft_model": Entry(ModelDrafter(draft.model), lambda p: p.draft_prefill)}
+
+
+def drafter_entries(path: str, draft, device, name: str | None = None,
+                    allow_ablation: bool = True) -> tuple[dict[str, Entry], list[str]]:
+    """The names of the offline report: `drafter`, and `no_draft` for the ablation."""
+    from adapters.export_format import load_drafter
+    from adapters.token_adapter import TokenAdapter
+
+    model = load_drafter(path, device)
+    name = name or "drafter"
+    if isinstance(model, TokenAdapter):
+        out = {name: Entry(TokenAdapterDrafter(model), lambda p: p.draft.tokens, reads_draft_response=True)}
+        if model.config.condition_on_draft and allow_ablation:
+            out["no_draft"] = Entry(TokenAdapterDrafter(model, keep_draft=False), lambda p: None)
+        return out, []
+    drafter = Eagle3OnlineDrafter(model, draft.model)
+    notes = [f"'{name}': EAGLE-3 on {model.config.feature_names}; it proposes nothing in the first round."]
+    if drafter.draft_layers:
+        notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one draft "
+                     "forward over the newly accepted tokens per round (inside its drafting time).")
+    return {name: Entry(drafter, lambda p: p.draft_prefill, drafter.target_layers)}, notes
+
+
+def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
+    entries, notes = {}, []
+    if cfg.drafter:
+        e, n = drafter_entries(cfg.drafter, draft, cfg.device, allow_ablation=cfg.no_draft is None)
+        entries.update(e)
+        notes += n
+    if cfg.no_draft:
+        e, n = drafter_entries(cfg.no_draft, draft, cfg.device, name="no_draft", allow_ablation=False)
+        entries.update(e)
+        notes += n
+    return {**entries, **baseline_entries(draft)}, notes
+
+
+def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos) -> OnlineResult:
+    return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                hidden_layers=entry.hidden_layers, request=entry.request(p))
+
+
+# ----------------------------------------------------------------------------- costs
+
+def mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def model_costs(runs: list[GreedyResult]) -> dict:
+    return {"prefill_s": mean([r.prefill_s for r in runs]),
+            "decode_s": mean([s for r in runs for s in r.decode_s]),
+            "tokens_per_s": sum(len(r.tokens) for r in runs) / sum(r.total_s for r in runs)}
+
+
+def setup_s(entry: Entry, run: OnlineResult, p: Prepared) -> float:
+    return run.draft_prefill_s + (p.draft.total_s if entry.reads_draft_response else 0.0)
+
+
+def drafter_costs(entry: Entry, runs: list[OnlineResult], prepared: list[Prepared]) -> dict:
+    rounds = [r for run in runs for r in run.log]
+    drafting = sum(r.draft_s for r in rounds)
+    proposed = sum(len(r.proposal) for r in rounds)
+    setups = [setup_s(entry, run, p) for run, p in zip(runs, prepared)]
+    return {"setup_s": mean(setups), "round_s": drafting / len(rounds),
+            "step_s": drafting / proposed if proposed else None,
+            "tokens_per_s": sum(len(run.tokens) for run in runs) / (sum(run.total_s for run in runs) + sum(setups))}
+
+
+def verify_costs(entries: dict[str, Entry], gammas: list[int]) -> dict[str, float | None]:
+    """Mean target verification of gamma + 1 tokens, pooled over every drafter's full verifications."""
+    return {str(g): mean([r.verify_s for e in entries.values() for run in e.runs[g] for r in run.log
+                          if r.verified == g + 1]) for g in gammas}
+
+
+def projected_speedup(tau: float, n: float, target: dict, verify: float | None, drafter: dict) -> dict:
+    if verify is None or target["decode_s"] is None:
+        return {"projected": None, "projected_e2e": None}
+    round_s = verify + drafter["round_s"]
+    plain = target["prefill_s"] + (n - 1) * target["decode_s"]
+    spec = target["prefill_s"] + drafter["setup_s"] + n / tau * round_s
+    return {"projected": tau * target["decode_s"] / round_s, "projected_e2e": plain / spec}
+
+
+def prefill_hiding(prepared: list[Prepared], draft_step: float | None) -> dict:
+    gaps = [p.greedy.prefill_s - p.draft.prefill_s for p in prepared]
+    fits = [min(1 + int(gap / draft_step), len(p.draft.tokens)) if gap >= 0 and draft_step else 0
+            for gap, p in zip(gaps, prepared)]
+    accepted = [first_run_matches(p.draft.tokens[:k], p.greedy.tokens) for k, p in zip(fits, prepared)]
+    return {"gap_s": mean(gaps), "draft_step_s": draft_step, "tokens_fit": mean(fits), "accepted": mean(accepted),
+            "fit_total": sum(fits), "accepted_total": sum(accepted),
+            "accept_rate": sum(accepted) / sum(fits) if sum(fits) else None}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def eos_ids(store: FeatureStore, target, draft) -> dict:
+    """The store's generation setting: responses cut at EOS unless it was extracted with ignore_eos."""
+    ignore = (store.manifest.get("generation") or {}).get("ignore_eos", False)
+    return {"target": None if ignore else target.eos_id, "draft": None if ignore else draft.eos_id}
+
+
+def max_new_tokens_of(cfg: DictConfig, store: FeatureStore) -> int:
+    n = cfg.get("max_new_tokens") or (store.manifest.get("generation") or {}).get("max_new_tokens")
+    if not n:
+        raise SpecalignError("online mode needs max_new_tokens=N (the store records none)")
+    return int(n)
+
+
+def warm_up(target, draft, request: Request) -> None:
+    """First calls pay one-off initialisation: keep it out of the measured costs."""
+    for backend in (target, draft):
+        greedy_generate(backend.model, prefill_spec(backend.prepare([request])), 2)
+
+
+@dataclass
+class OnlineRuns:
+    store: FeatureStore
+    entries: dict[str, Entry]     # with their runs: entry.runs[gamma][request]
+    prepared: list[Prepared]
+    notes: list[str]
+
+
+@torch.inference_mode()
+def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
+    from vlms.registry import build_backends
+
+    if not cfg.get("models"):
+        raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")
+    store = FeatureStore(cfg.store)
+    rows = store.select(cfg.split)[: cfg.limit or None]
+    if not rows:
+        raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
+    requests = requests_of_rows(rows, load_samples(cfg, store))
+    target, draft = build_backends(cfg.models, cfg.device)
+    max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
+    entries, notes = all_entries(cfg, draft)
+    warm_up(target, draft, requests[0])
+    prepared = []
+    for i, (row, request) in enumerate(zip(rows, requests)):
+        prepared.append(prepare(target, draft, row, request, max_new, eos))
+        for entry in entries.values():
+            for g in gammas:
+                entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
+        log.info("online %d/%d: %s", i + 1, len(rows), row.key)
+    return OnlineRuns(store, entries, prepared, notes)
+
+
+def evaluate_online(cfg: DictConfig, gammas: list[int]) -> dict:
+    return online_report(cfg, gammas, run_online(cfg, gammas))
+
+
+def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
+    prepared = runs.prepared
+    target, draft = model_costs([p.greedy for p in prepared]), model_costs([p.draft for p in prepared])
+    target["verify_s"] = verify_costs(runs.entries, gammas)
+    by = {"results": {}, "costs": {}, "speedup": {}, "same": {}}    # section -> name -> gamma -> value
+    for name, e in runs.entries.items():
+        for g in gammas:
+            numbers = entry_numbers(e, e.runs[g], prepared, target, target["verify_s"][str(g)])
+            for section, value in numbers.items():
+                by[section].setdefault(name, {})[str(g)] = value
+    checks = {"requests": len(prepared),
+              "target_greedy_equals_store": sum(p.greedy.tokens == p.row.target_tokens for p in prepared),
+              "draft_greedy_equals_store": sum(p.draft.tokens == p.row.draft_tokens for p in prepared),
+              "online_equals_target_greedy": by["same"]}
+    return {"mode": "online", "split": cfg.split, "gammas": gammas, "store": str(cfg.store),
+            "store_identity": {k: runs.store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
+            "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
+            "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
+            "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
+            "checks": checks, "notes": runs.notes + check_notes(checks)}
+
+
+def entry_numbers(entry: Entry, runs: list[OnlineResult], prepared: list[Prepared], target: dict,
+                  verify: float | None) -> dict:
+    """One drafter at one gamma: acceptance summary, costs, speedup, runs equal to plain greedy decoding."""
+    acc = Acceptance(runs[0].gamma)
+    for run in runs:
+        acc.add_sample(run.rounds)
+    costs = drafter_costs(entry, runs, prepared)
+    n_mean = mean([len(p.greedy.tokens) for p in prepared])
+    speedup = {**projected_speedup(acc.tau, n_mean, target, verify, costs),
+               "wall_clock": costs["tokens_per_s"] / target["tokens_per_s"]}
+    return {"results": acc.summary(), "costs": costs, "speedup": speedup,
+            "same": sum(run.tokens == p.greedy.tokens for run, p in zip(runs, prepared))}
+
+
+def check_notes(checks: dict) -> list[str]:
+    n, out = checks["requests"], []
+    for key, what in (("target_greedy_equals_store", "the target's"), ("draft_greedy_equals_store", "EventGPT's")):
+        if checks[key] != n:
+            out.append(f"{what} greedy response differs from the store's on {n - checks[key]} of {n} requests "
+                       "(other dtype, batching or prompts): online numbers are measured on the online responses.")
+    for name, per_gamma in checks["online_equals_target_greedy"].items():
+        for g, k in per_gamma.items():
+            if k != n:
+                out.append(f"'{name}' (γ={g}): online output differs from plain greedy decoding on {n - k} of {n} "
+                           "requests (numerical ties between batched verification and one-token decoding).")
+    return out

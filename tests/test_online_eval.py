@@ -1,0 +1,166 @@
+"""`specalign evaluate mode=online` on the tiny pair, a small synthetic world and tiny trained drafters:
+online greedy output is the target's greedy output and online acceptance equals the offline simulation
+for every drafter, the target drafting for itself is always accepted, the CLI writes the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.store import FeatureStore
+from data.synth import synthesize
+from specalign.paths import CONF_DIR, REPO_ROOT
+from specdec.evaluate import evaluate_offline
+from specdec.metrics import Acceptance
+from specdec.online import TargetAsDrafter, speculative_generate
+from specdec.online_eval import load_samples, online_report, prefill_spec, requests_of_rows, run_online
+from train.export import export_run
+from train.extract import extract
+from train.train import main as train_main
+from vlms.registry import build_backends
+
+GAMMAS, MAX_NEW, CLIPS = [2, 4], 16, 32
+QUESTION = "What is happening in this scene?"
+ADAPTER_STEPS = ["trainer.max_steps=150", "trainer.enable_progress_bar=false", "val.max_rows=1", "val.gamma=3"]
+DRAFTERS = {
+    "token_adapter": ["adapter.n_layer=1", "adapter.d_model=32", "adapter.n_head=2", "adapter.d_ff=64",
+                      "adapter.max_len=64", "adapter.batch_size=8", "adapter.warmup_steps=2", "adapter.lr=1e-2"],
+    **{f"eagle3_{source}": ["adapter=eagle3", f"adapter.feature_source={source}", "adapter.num_attention_heads=4",
+                            "adapter.intermediate_size=64", "adapter.draft_vocab_size=64", "adapter.ttt_steps=2",
+                            "adapter.batch_size=8", "adapter.warmup_steps=2", "adapter.max_len=64", "adapter.lr=1e-2"]
+       for source in ("target", "both")},
+}
+RESULT_KEYS = {"tau", "alpha", "alpha_at", "rounds", "tokens", "samples"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is far faster than several on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A store of the tiny pair over 32 synthetic clips (one question each), and exported drafters
+    trained on its train split: a TokenAdapter, EAGLE-3 on target features and on target + draft features."""
+    root = tmp_path_factory.mktemp("online")
+    data = synthesize(root / "world", clips=CLIPS, seed=0, durations=("1s",))["1s"]
+    store = root / "store"
+    extract(config("extract", f"data.root={data}", f"out={store}", f"max_new_tokens={MAX_NEW}",
+                   f"data.questions=[{QUESTION}]", "trainer.accelerator=cpu"))
+    out = {"store": store}
+    for name, overrides in DRAFTERS.items():
+        train_main.run(config("train", f"store={store}", f"out={root / name}", *overrides, *ADAPTER_STEPS))
+        out[name] = export_run(root / name, root / f"{name}_drafter")
+    assert FeatureStore(store).select("test"), "the world should have test clips"
+    return out
+
+
+def online_config(world: dict, drafter: str, no_draft: str | None = None, *overrides: str):
+    return config("evaluate", f"store={world['store']}", "mode=online", "+models=tiny", "split=test",
+                  f"gamma=[{','.join(map(str, GAMMAS))}]", f"drafter={world[drafter]}", "out=unused",
+                  f"no_draft={world[no_draft] if no_draft else 'null'}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def online(world) -> dict:
+    """name -> (config, OnlineRuns): the TokenAdapter with its no-draft ablation, and EAGLE-3 on target +
+    draft features with EAGLE-3 on target features as its no_draft."""
+    configs = {"token_adapter": online_config(world, "token_adapter"),
+               "eagle3": online_config(world, "eagle3_both", "eagle3_target")}
+    return {name: (cfg, run_online(cfg, GAMMAS)) for name, cfg in configs.items()}
+
+
+@pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
+def test_online_greedy_output_is_the_target_greedy_output(online, which):
+    """For every drafter and gamma: token for token the store's target response (the backend's batched
+    `generate`) and the plain one-token-per-forward greedy decoding."""
+    _, runs = online[which]
+    assert set(runs.entries) == {"drafter", "no_draft", "raw_draft", "draft_model"}
+    for p in runs.prepared:
+        assert p.greedy.tokens == p.row.target_tokens
+        assert p.draft.tokens == p.row.draft_tokens
+    for entry in runs.entries.values():
+        for g in GAMMAS:
+            assert [r.tokens for r in entry.runs[g]] == [p.row.target_tokens for p in runs.prepared]
+
+
+@pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
+def test_online_acceptance_equals_offline_simulation(online, world, which):
+    cfg, runs = online[which]
+    on = online_report(cfg, GAMMAS, runs)["results"]
+    off = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)["results"]
+    assert set(on) <= set(off)
+    for name in on:
+        for g in map(str, GAMMAS):
+            assert on[name][g] == off[name][g], (name, g)
+    assert on["drafter"]["2"]["accepted"] > 0, "the trained drafter should get drafts accepted"
+
+
+def test_online_eagle3_features_are_the_stored_rows(online, world):
+    """The features the online EAGLE-3 drafter was fed (its last request) are the store's rows."""
+    _, runs = online["eagle3"]
+    drafter, row = runs.entries["drafter"].drafter, runs.prepared[-1].row
+    store = FeatureStore(world["store"])
+    for name, rows in drafter.rows.items():
+        got = torch.cat(rows).float()[: len(row.target_tokens)]
+        assert len(got) == len(row.target_tokens) if name.startswith("target.") else len(got) > 1, name
+        torch.testing.assert_close(got, store.hidden(row, name)[: len(got)].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_target_as_its_own_drafter_is_always_accepted(world):
+    target, _ = build_backends({"tiny": True, "quant": "fp32"})
+    store = FeatureStore(world["store"])
+    rows = store.select("test")
+    cfg = online_config(world, "token_adapter")
+    acc = Acceptance(4)
+    for row, request in zip(rows, requests_of_rows(rows, load_samples(cfg, store))):
+        spec = prefill_spec(target.prepare([request]))
+        result = speculative_generate(target.model, spec, TargetAsDrafter(target.model), gamma=4,
+                                      max_new_tokens=MAX_NEW, eos_token_id=target.eos_id)
+        assert result.tokens == row.target_tokens
+        acc.add_sample(result.rounds)
+    assert acc.alpha == 1.0 and acc.proposed > 0
+    assert all(a == 1.0 for a in acc.alpha_at if a is not None)
+
+
+def test_cli_writes_the_online_report(world, tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "+models=tiny",
+           f"store={world['store']}", f"drafter={world['token_adapter']}", "split=test", "limit=2", "gamma=[2,3]",
+           f"out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "online" and report["config"]["mode"] == "online"
+    assert set(report["results"]) == {"drafter", "no_draft", "raw_draft", "draft_model"}
+    for name, per_gamma in report["results"].items():
+        assert set(per_gamma) == {"2", "3"}
+        for s in per_gamma.values():
+            assert RESULT_KEYS <= set(s) and s["samples"] == 2
+        for g in ("2", "3"):
+            assert set(report["speedup"][name][g]) == {"projected", "projected_e2e", "wall_clock"}
+            assert report["speedup"][name][g]["wall_clock"] > 0
+            assert {"setup_s", "round_s", "step_s", "tokens_per_s"} <= set(report["costs"]["drafters"][name][g])
+    costs = report["costs"]
+    assert all(costs[m][k] > 0 for m in ("target", "draft") for k in ("prefill_s", "decode_s", "tokens_per_s"))
+    assert set(costs["target"]["verify_s"]) == {"2", "3"}
+    assert {"tokens_fit", "accepted", "gap_s"} <= set(report["prefill_hiding"])
+    assert report["checks"]["target_greedy_equals_store"] == 2
+    md = (out / "report.md").read_text()
+    assert "Speedup over plain target decoding" in md and "Prefill hiding" in md and "target prefill" in md
