@@ -6,8 +6,9 @@ over the target's responses, keeping only the captured layers at the response po
 (vlms/alignment.py). `StoreWriterCallback` writes each batch as one atomic shard.
 
 Resume: rerunning the same command skips every request already in a shard (or recorded as
-an error) and ends with the same store. DDP: each rank takes every world_size-th pending
-request and writes its own shards; rank 0 finalizes after all ranks are done.
+an error) and ends with the same store. DDP: the pending requests are cut into batches as a
+single process would cut them, rank r takes every world_size-th batch and writes its own
+shards; after a barrier rank 0 saves the heads and finalizes.
 """
 
 from __future__ import annotations
@@ -55,21 +56,14 @@ def requests_of(samples, questions: list[str] | None = None) -> list[Request]:
 
 
 class ExtractionModule(L.LightningModule):
-    """Holds the two frozen backends (built on the rank's own device in `setup`)."""
+    """Holds the two frozen backends (already on the rank's own device)."""
 
-    def __init__(self, build_backends, max_new_tokens: int, ignore_eos: bool = False):
+    def __init__(self, target, draft, max_new_tokens: int, ignore_eos: bool = False):
         super().__init__()
-        self.build_backends = build_backends
+        self.target, self.draft = target, draft
         self.max_new_tokens = max_new_tokens
         self.ignore_eos = ignore_eos
-        self.target = self.draft = None
-
-    def setup(self, stage: str) -> None:
-        if self.target is None:
-            self.target, self.draft = self.build_backends(self.device)
-
-    def layers(self) -> dict[str, list[int]]:
-        return {"target": self.target.capture_layers(), "draft": self.draft.capture_layers()}
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no batch left
 
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -88,8 +82,7 @@ class ExtractionModule(L.LightningModule):
             rows.append({"sample_id": req.sample.id, "question_id": req.question_id, "question": req.question,
                          "split": req.sample.split or split_of(req.sample.id), "duration": req.sample.duration,
                          "target_tokens": list(map(int, tr)), "draft_tokens": list(map(int, dr)),
-                         "target_text": self.target.decode(tr) if hasattr(self.target, "decode") else None,
-                         "draft_text": self.draft.decode(dr) if hasattr(self.draft, "decode") else None})
+                         "target_text": self.target.decode(tr), "draft_text": self.draft.decode(dr)})
         return rows, feats
 
     def predict_step(self, batch: list[Request], batch_idx: int) -> dict[str, Any]:
@@ -109,43 +102,47 @@ class ExtractionModule(L.LightningModule):
 
 
 def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}"
+    return " ".join(f"{type(e).__name__}: {e}".split())  # one line
 
 
 class StoreWriterCallback(BasePredictionWriter):
-    """Writes each predicted batch as one shard; stops when failures are systematic."""
+    """Writes each predicted batch as one shard; stops when failures are systematic.
 
-    def __init__(self, out: Path, manifest: dict, fail_fast_after: int = 16):
+    Failures are held back until this rank's first success: a run stopped as systematic records
+    none of them, so a rerun after fixing the cause retries those requests."""
+
+    def __init__(self, writer: StoreWriter, fail_fast_after: int = 16):
         super().__init__(write_interval="batch")
-        self.out, self.manifest, self.fail_fast_after = Path(out), manifest, fail_fast_after
-        self.writer: StoreWriter | None = None
+        self.writer, self.fail_fast_after = writer, fail_fast_after
         self.ok = self.failed = 0
+        self.held: list[tuple[str, str]] = []
         self.first_error: tuple[str, str] | None = None
-
-    def setup(self, trainer, pl_module, stage) -> None:
-        self.writer = StoreWriter(self.out, self.manifest, rank=trainer.global_rank)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if prediction["rows"]:
             self.writer.write_shard(prediction["rows"], prediction["tensors"])
         for key, reason in prediction["errors"]:
-            self.writer.record_error(key, reason)
-            self.first_error = self.first_error or (key, reason)
             log.warning("skipped %s: %s", key, reason)
+            self.first_error = self.first_error or (key, reason)
+        self.held += prediction["errors"]
         self.ok += len(prediction["rows"])
         self.failed += len(prediction["errors"])
-        if self.ok == 0 and self.failed >= self.fail_fast_after:
-            key, reason = self.first_error
-            raise SystematicFailure(f"the first {self.failed} requests all failed; first error ({key}): {reason}")
+        if self.ok:
+            self.record_errors()
+        elif self.failed >= self.fail_fast_after:
+            raise self.systematic()
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        trainer.strategy.barrier()
-        if trainer.global_rank == 0:
-            heads = {"target.lm_head": pl_module.target.lm_head_weight(),
-                     "target.embed_tokens": pl_module.target.embed_weight(),
-                     "draft.lm_head": pl_module.draft.lm_head_weight()}
-            self.writer.save_heads({k: v.float().cpu() for k, v in heads.items()})
-        trainer.strategy.barrier()
+    def record_errors(self) -> None:
+        for key, reason in self.held:
+            self.writer.record_error(key, reason)
+        self.held = []
+
+    def systematic(self) -> SystematicFailure:
+        if self.first_error is None:
+            return SystematicFailure(f"{self.writer.root}: no request succeeded (see the other ranks' errors)")
+        key, reason = self.first_error
+        return SystematicFailure(f"the first {self.failed} requests all failed, stopping; first error ({key}): "
+                                 f"{reason}")
 
 
 class SamplesPerSecond(TQDMProgressBar):
@@ -161,69 +158,111 @@ class SamplesPerSecond(TQDMProgressBar):
         rate = self._n / max(time.perf_counter() - self._t0, 1e-9)
         self.predict_progress_bar.set_postfix({"samples/s": f"{rate:.2f}"})
 
+    def on_exception(self, trainer, pl_module, exception):
+        if self._predict_progress_bar is not None:  # end the bar's line before the error is printed
+            self._predict_progress_bar.close()
 
-def store_manifest(target, draft, cfg_gen: dict, data_info: dict) -> dict:
+
+def model_identity(backend, models_cfg) -> dict:
+    """The backend's identity; the tiny pair's weights come from a seed, not a path, so it is part of it."""
+    ident = backend.identity()
+    if models_cfg.get("tiny"):
+        ident["seed"] = int(models_cfg.get("seed", 0))
+    return ident
+
+
+def store_manifest(target, draft, cfg: DictConfig) -> dict:
     return {
         "kind": "full",
-        "target": target.identity(), "draft": draft.identity(),
+        "target": model_identity(target, cfg.models), "draft": model_identity(draft, cfg.models),
         "layers": {"target": target.capture_layers(), "draft": draft.capture_layers()},
         "dtype": "bfloat16",
         "prompts": {"target": target.prompt_template(), "draft": draft.prompt_template()},
-        "generation": cfg_gen,
-        "data": data_info,
+        "generation": {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "ignore_eos": cfg.ignore_eos},
+        "data": {"root": str(cfg.data.root), "duration": cfg.data.get("duration")},
     }
 
 
-def pending_for_rank(requests: list[Request], done: set[str], rank: int, world: int) -> list[Request]:
+def heads_of(target, draft) -> dict[str, torch.Tensor]:
+    heads = {"target.lm_head": target.lm_head_weight(), "target.embed_tokens": target.embed_weight(),
+             "draft.lm_head": draft.lm_head_weight()}
+    return {k: v.float().cpu() for k, v in heads.items()}
+
+
+def pending_for_rank(requests: list[Request], done: set[str], rank: int, world: int,
+                     batch_size: int) -> list[Request]:
+    """This rank's share of the pending requests: every world-th batch of them, so that each batch holds
+    what a single process would batch together (same padding, same numbers in the store)."""
     pending = [r for r in requests if r.key not in done]
-    return pending[rank::world]
+    batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+    return [r for batch in batches[rank::world] for r in batch]
 
 
-def extract(cfg: DictConfig) -> Path:
+def remove_stale_temp_files(root: Path) -> None:
+    """Temp files of a killed run (atomic writes that never got renamed)."""
+    for tmp in [*root.glob(".*.tmp"), *root.glob("shards/.*.tmp")]:
+        tmp.unlink(missing_ok=True)
+
+
+def record_dataset_errors(writer: StoreWriter, errors: list[dict]) -> None:
+    known = set(writer.error_keys())
+    for e in errors:  # unreadable samples found while reading the dataset
+        if e["id"] not in known:
+            writer.record_error(str(e["id"]), e["reason"])
+
+
+def load_requests(cfg: DictConfig) -> tuple[list[Request], list[dict]]:
     from data.dsec import load_from_config
-    from vlms.registry import build_backends
 
-    out = Path(cfg.out)
     samples, errors = load_from_config(cfg.data)
     requests = requests_of(samples)
     if cfg.get("limit"):
         requests = requests[: cfg.limit]
     if not requests:
         raise SpecalignError(f"{cfg.data.root}: no readable samples" + (f" (first error: {errors[0]})" if errors else ""))
-    gen = {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "ignore_eos": cfg.ignore_eos}
+    return requests, errors
 
-    module = ExtractionModule(lambda device: build_backends(cfg.models, device), cfg.max_new_tokens, cfg.ignore_eos)
+
+def extract(cfg: DictConfig) -> Path | None:
+    """Run the extraction; returns the finished store on rank 0, None on the other ranks."""
+    from vlms.registry import build_backends
+
+    out = Path(cfg.out)
+    requests, errors = load_requests(cfg)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False,
                         use_distributed_sampler=False, enable_model_summary=False,
                         callbacks=[SamplesPerSecond()])
-    # the manifest needs the models' identity: build them on this rank's own device first
-    module.target, module.draft = build_backends(cfg.models, trainer.strategy.root_device)
-    manifest = store_manifest(module.target, module.draft, gen,
-                              {"root": str(cfg.data.root), "duration": cfg.data.get("duration")})
-    writer_cb = StoreWriterCallback(out, manifest, cfg.fail_fast_after)
-    trainer.callbacks.append(writer_cb)
-    writer = StoreWriter(out, manifest, rank=trainer.global_rank)
-    for e in errors:  # unreadable samples found while reading the dataset
-        if e["id"] not in writer.error_keys():
-            writer.record_error(str(e["id"]), e["reason"])
-    todo = pending_for_rank(requests, writer.done_keys(), trainer.global_rank, trainer.world_size)
-    loader = DataLoader(RequestList(todo), batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
-    if todo:
+    rank, world = trainer.global_rank, trainer.world_size  # known before the launcher starts the other ranks
+    target, draft = build_backends(cfg.models, trainer.strategy.root_device)
+    writer = StoreWriter(out, store_manifest(target, draft, cfg), rank=rank)
+    if rank == 0:  # the other ranks start inside trainer.predict, or write nothing before its setup barrier
+        remove_stale_temp_files(out)
+        record_dataset_errors(writer, errors)
+    callback = StoreWriterCallback(writer, cfg.fail_fast_after)
+    trainer.callbacks.append(callback)
+    done = writer.done_keys()
+    if any(r.key not in done for r in requests):  # every rank sees the same: nobody has written yet
+        mine = pending_for_rank(requests, done, rank, world, cfg.batch_size)
+        loader = DataLoader(RequestList(mine), batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
+        module = ExtractionModule(target, draft, cfg.max_new_tokens, cfg.ignore_eos)
         trainer.predict(module, loader, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.global_rank == 0:
-        if writer_cb.writer is None:  # nothing was pending: only heads and finalize
-            writer.save_heads({k: v.float().cpu() for k, v in {
-                "target.lm_head": module.target.lm_head_weight(),
-                "target.embed_tokens": module.target.embed_weight(),
-                "draft.lm_head": module.draft.lm_head_weight()}.items()})
-        writer.finalize({"questions": sorted({r.question for r in requests})})
+        trainer.strategy.barrier()  # every rank has written its shards
+    if not any(writer.shard_dir.glob("*.safetensors")):
+        raise callback.systematic()
+    callback.record_errors()
+    trainer.strategy.barrier()  # ... and its errors
+    if rank != 0:
+        return None
+    writer.save_heads(heads_of(target, draft))
+    writer.finalize({"questions": sorted({r.question for r in requests})})
     return out
 
 
 @hydra_stage("extract")
 def main(cfg: DictConfig) -> None:
     out = extract(cfg)
+    if out is None:  # rank 0 reports
+        return
     from data.store import FeatureStore
 
     store = FeatureStore(out)

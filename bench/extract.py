@@ -1,0 +1,364 @@
+"""Extraction throughput: the batched path against a per-sample loop, measured in one run.
+
+    python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
+    python bench/extract.py --models real --device cuda --quant both --batch 8 --samples 32
+
+- batched:    `ExtractionModule.run` on batches of `--batch` requests (batched greedy generation of both
+              models, then one teacher-forced pass per model over the target's responses);
+- per-sample: the same steps for one request at a time (generate with the target, generate with the
+              draft, then a separate teacher-forced forward per model, batch size 1).
+
+`--models real` builds both models at their 7B configuration (vlms/real_configs.py) with random weights,
+initialised directly on the device in bf16; nf4 then replaces the LLaMA decoders' linear layers by
+bitsandbytes 4-bit ones (the towers too with `--quantize-towers`; projectors and LM heads stay bf16).
+Inputs are clips of the synthetic world (8 video frames, 5 event frames), prompts use the tiny pair's
+word-level tokenizer, and the LM-head rows of special ids are zeroed so that no response holds a media
+placeholder. `--ignore-eos` (default) makes every response `--max-new-tokens` long.
+
+Beside each measurement: the analytic floor per sample. FLOPs = 2 x params x tokens over the prefill, the
+decode steps and the teacher-forced pass of each model, plus the vision towers (run in the prefill and in
+the teacher-forced pass); bytes = per decode step the decoder and LM-head weights (shared by the batch)
+plus the request's KV cache. Floor time = compute FLOPs / peak + decode steps x max(bytes / bandwidth,
+FLOPs / peak); defaults are an H200's dense bf16 peak and HBM bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.dsec import load_dataset
+from data.synth import synthesize
+from train.extract import ExtractionModule, requests_of
+from vlms import draft_backend, video_llava
+from vlms.draft_backend import DraftBackend
+from vlms.eventgpt import EventChatForCausalLM
+from vlms.target_backend import TargetBackend
+from vlms.video_llava import VideoLlavaForVideo, video_tokens_per_frame
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
+GOALS_GB = {False: 9.5, True: 8.4}          # both nf4 models at batch 1: towers dense / towers 4-bit
+VISION = {"target": ("model.video_tower", "model.multi_modal_projector"),
+          "draft": ("model.visual_tower", "model.visual_projector", "model.feature_adaptor")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", choices=("tiny", "real"), default="tiny")
+    p.add_argument("--quant", choices=("bf16", "nf4", "both"), default="bf16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--samples", type=int, default=32, help="(clip, question) requests per path")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quantize-towers", action="store_true", help="nf4: the CLIP towers in 4-bit too")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s (H200: 989e12)")
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (H200: 4.8e12)")
+    p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads (the tiny pair's matrices "
+                   "are too small to share)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def random_model(cls, config, device: str) -> nn.Module:
+    """`cls(config)` with its random initialisation done on `device`, in bf16."""
+    with torch.device(device), default_dtype(torch.bfloat16):
+        return cls(config).eval()
+
+
+def mute_rows(model: nn.Module, ids) -> None:
+    with torch.no_grad():
+        model.get_output_embeddings().weight[list(ids)] = 0.0
+
+
+def quantize_nf4(model: nn.Module, keep_dense: list[str]) -> None:
+    """Replace every nn.Linear outside `keep_dense` (module paths) by a bitsandbytes nf4 Linear4bit
+    (double quantised, bf16 compute), quantised on the weight's own device."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or any(name == k or name.startswith(k + ".") for k in keep_dense):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, module=q)
+        q.bias = module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to(module.weight.device))
+
+
+def build_models(models: str, device: str):
+    """(target model, draft model, tokenizer), bf16, random weights."""
+    from vlms.tiny import build_tokenizer, tiny_pair
+
+    if models == "tiny":
+        target, draft, tokenizer = tiny_pair(0)
+        return target.to(device, torch.bfloat16), draft.to(device, torch.bfloat16), tokenizer
+    from vlms.real_configs import eventgpt_7b_config, video_llava_7b_config
+
+    tokenizer = build_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    target = random_model(VideoLlavaForVideo, video_llava_7b_config(
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), special_ids=ids), device)
+    draft = random_model(EventChatForCausalLM, eventgpt_7b_config(special_ids=ids), device)
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    for model in (target, draft):
+        mute_rows(model, special)
+    return target, draft, tokenizer
+
+
+def param_counts(model: nn.Module, role: str, decoder: nn.Module) -> dict[str, int]:
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    vision = [model.get_submodule(n) for n in VISION[role] if _has(model, n)]
+    return {"decoder": count(decoder.layers), "head": count(model.get_output_embeddings()),
+            "vision": sum(count(m) for m in vision), "total": count(model)}
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        return model.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+def build_backends(a, quant: str):
+    """(target, draft) backends and their parameter counts (taken before any quantisation)."""
+    target_model, draft_model, tokenizer = build_models(a.models, a.device)
+    target = TargetBackend(target_model, tokenizer, quant=quant)
+    draft = DraftBackend(draft_model, tokenizer, quant=quant)
+    counts = {b.role: param_counts(b.model, b.role, b.decoder) for b in (target, draft)}
+    if quant == "nf4":
+        towers = not a.quantize_towers
+        quantize_nf4(target_model, [*video_llava.DENSE_MODULES] + ([*video_llava.TOWERS] if towers else []))
+        quantize_nf4(draft_model, [*draft_backend.DENSE_MODULES] + ([draft_backend.TOWER] if towers else []))
+    return target, draft, counts
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """CUDA: peak allocated bytes (weights included) and peak reserved by the caching allocator. CPU: peak
+    resident memory above the level at entry, sampled every 2 ms."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self.reserved = device, 0, 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base, self.done = rss_bytes(), threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, rss_bytes() - self.base)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        else:
+            self.done.set()
+            self.thread.join()
+            self.peak = max(self.peak, rss_bytes() - self.base)
+
+
+def timed(fn, device: str) -> tuple[float, PeakMemory]:
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, mem
+
+
+def batched(module: ExtractionModule, requests, batch: int):
+    def run():
+        for i in range(0, len(requests), batch):
+            module.run(requests[i:i + batch])
+    return run
+
+
+def per_sample(module: ExtractionModule, requests):
+    def run():
+        for r in requests:
+            module.run([r])
+    return run
+
+
+# --------------------------------------------------------------------------------------------- floors
+
+@dataclass
+class ModelCost:
+    compute_flops: float   # per sample: prefill, teacher-forced pass, vision towers
+    step_flops: float      # per sample and decode step
+    weight_bytes: float    # per decode step, shared by the batch
+    kv_bytes: float        # per sample and decode step (mean over the steps)
+
+
+def model_cost(backend, counts: dict, requests, n_new: int, quant: str) -> ModelCost:
+    text = backend.text_config
+    prompt = sum(backend.prepare([r]).prompt_lens[0] for r in requests[:4]) / min(4, len(requests))
+    flops_per_token = 2 * counts["decoder"]
+    vision_tokens = _vision_tokens(backend, requests[0])
+    compute = (flops_per_token * (prompt + prompt + n_new - 1) + 2 * counts["head"]
+               + 2 * 2 * counts["vision"] * vision_tokens)
+    weight = NF4_BYTES if quant == "nf4" else 2
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2
+    return ModelCost(compute_flops=compute, step_flops=flops_per_token + 2 * counts["head"],
+                     weight_bytes=weight * counts["decoder"] + 2 * counts["head"],
+                     kv_bytes=kv_per_token * (prompt + n_new / 2))
+
+
+def _vision_tokens(backend, request) -> int:
+    """Tokens through the vision tower (and projector) per request."""
+    config = backend.model.config
+    if backend.role == "target":
+        return backend.num_frames * video_tokens_per_frame(config)
+    vision = config.vision_config
+    return len(request.sample.event_images) * ((vision.image_size // vision.patch_size) ** 2 + 1)
+
+
+def floor(costs: list[ModelCost], n_new: int, batch: int, a) -> dict[str, float]:
+    """Per sample: FLOPs, bytes and the implied lower-bound seconds at `batch`."""
+    steps = n_new - 1
+    flops = sum(c.compute_flops + steps * c.step_flops for c in costs)
+    step_bytes = sum(c.weight_bytes / batch + c.kv_bytes for c in costs)
+    step_time = max(step_bytes / a.bandwidth, sum(c.step_flops for c in costs) / a.peak_flops)
+    seconds = sum(c.compute_flops for c in costs) / a.peak_flops + steps * step_time
+    return {"flops": flops, "bytes": steps * step_bytes, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def bench_quant(a, quant: str, requests) -> list[dict]:
+    target, draft, counts = build_backends(a, quant)
+    module = ExtractionModule(target, draft, a.max_new_tokens, a.ignore_eos)
+    if a.device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    loaded = torch.cuda.memory_allocated() if a.device == "cuda" else None
+    module.run(requests[: a.batch])  # warm-up: kernels, allocator, caches
+    module.run(requests[:1])
+    costs = [model_cost(b, counts[b.role], requests, a.max_new_tokens, quant) for b in (target, draft)]
+    describe(target, draft, counts, loaded, quant)
+    rows = []
+    for path, batch, fn in (("per-sample", 1, per_sample(module, requests)),
+                            ("batched", a.batch, batched(module, requests, a.batch))):
+        seconds, mem = timed(fn, a.device)
+        rows.append({"quant": quant, "path": path, "batch": batch, "rate": len(requests) / seconds,
+                     "peak": mem.peak, "reserved": mem.reserved, **floor(costs, a.max_new_tokens, batch, a)})
+    if quant == "nf4" and a.device == "cuda":
+        print(f"nf4, both models, towers {'4-bit' if a.quantize_towers else 'bf16'}: loaded {loaded / 1e9:.2f} GB; "
+              f"at batch 1 peak {rows[0]['peak'] / 1e9:.2f} GB allocated, {rows[0]['reserved'] / 1e9:.2f} GB "
+              f"reserved (goal <= {GOALS_GB[a.quantize_towers]} GB)")
+    del module, target, draft
+    return rows
+
+
+def describe(target, draft, counts, loaded, quant) -> None:
+    for b in (target, draft):
+        c = counts[b.role]
+        print(f"{b.role} {b.name} ({quant}): {_millions(c['total'])} params (decoder layers "
+              f"{_millions(c['decoder'])}, LM head {_millions(c['head'])}, vision {_millions(c['vision'])})")
+    if loaded is not None:
+        print(f"both models loaded: {loaded / 1e9:.2f} GB allocated")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.3f} B"
+
+
+def print_table(rows: list[dict], a) -> None:
+    mem = "peak GB (alloc)" if a.device == "cuda" else "peak RSS rise MB"
+    scale = 1e9 if a.device == "cuda" else 1e6
+    head = ["quant", "path", "batch", "samples/s", "ms/sample", mem, "speedup", "GFLOP/sample", "GB read/sample",
+            "floor ms/sample", "floor samples/s", "% of floor"]
+    lines = [head]
+    for r in rows:
+        base = next(x for x in rows if x["quant"] == r["quant"] and x["path"] == "per-sample")
+        lines.append([r["quant"], r["path"], str(r["batch"]), f"{r['rate']:.2f}", f"{1e3 / r['rate']:.1f}",
+                      f"{r['peak'] / scale:.2f}", f"{r['rate'] / base['rate']:.1f}x", f"{r['flops'] / 1e9:.1f}",
+                      f"{r['bytes'] / 1e9:.2f}", f"{r['seconds'] * 1e3:.3g}", f"{1 / r['seconds']:.3g}",
+                      f"{100 * r['seconds'] * r['rate']:.2g}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for k, line in enumerate(lines):
+        print("| " + " | ".join(cell.rjust(w) for cell, w in zip(line, widths)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(f"floor at {a.peak_flops / 1e12:.0f} TFLOP/s and {a.bandwidth / 1e12:.1f} TB/s; FLOPs count 2 x params "
+          "x tokens (attention scores excluded); bytes = decode-step weights / batch + KV cache reads")
+
+
+def make_requests(n: int, root: Path):
+    clips = math.ceil(n / 6)  # the synthetic world asks 6 questions per clip
+    dataset = synthesize(root, clips=clips, seed=0, durations=("1s",))["1s"]
+    samples, _ = load_dataset(dataset)
+    return requests_of(samples)[:n]
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    quants = ("bf16", "nf4") if a.quant == "both" else (a.quant,)
+    with tempfile.TemporaryDirectory() as tmp:
+        requests = make_requests(a.samples, Path(tmp))
+        print(f"models {a.models} on {a.device}: {len(requests)} requests, batch {a.batch}, "
+              f"{a.max_new_tokens} new tokens, ignore_eos {a.ignore_eos}")
+        rows = []
+        for quant in quants:
+            rows += bench_quant(a, quant, requests)
+            gc.collect()
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+    print_table(rows, a)
+
+
+if __name__ == "__main__":
+    main()

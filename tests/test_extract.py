@@ -1,0 +1,243 @@
+"""`specalign extract` on the tiny pair and a small synthetic world: position alignment of the stored rows
+(THE alignment test), resume after kill -9, bad samples and systematic failures, refused mismatches,
+two DDP ranks (gloo) writing one store, the progress bar's samples/s."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+
+from data.dsec import load_dataset
+from data.samples import Request
+from data.store import FeatureStore
+from data.synth import synthesize
+from specalign.errors import StoreMismatch, SystematicFailure
+from specalign.paths import CONF_DIR, REPO_ROOT
+from train.extract import extract
+from vlms.registry import build_backends
+
+# 2 clips x 6 questions = 12 requests in 6 batches; fixed-length responses so that runs last long enough
+RUN = ["batch_size=2", "max_new_tokens=24", "ignore_eos=true", "trainer.accelerator=cpu"]
+N_REQUESTS, QUESTIONS_PER_CLIP = 12, 6
+SPECALIGN = [sys.executable, "-c", "from specalign.cli import main; main()"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is far faster than several on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("world"), clips=2, seed=1, durations=("1s",))["1s"]
+
+
+def cli(dataset: Path, out: Path, *overrides: str, env: dict | None = None, wait: bool = True):
+    """`specalign extract` as a subprocess (Popen when not `wait`)."""
+    cmd = [*SPECALIGN, "extract", f"data.root={dataset}", f"out={out}", *RUN, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, check=False, env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
+
+
+def config(dataset: Path, out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("extract", overrides=[f"data.root={dataset}", f"out={out}", *RUN, *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> tuple[FeatureStore, str]:
+    """An uninterrupted single-process run: the store and the run's console output (Lightning's bar
+    writes to stdout)."""
+    out = tmp_path_factory.mktemp("reference") / "store"
+    run = cli(dataset, out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return FeatureStore(out), run.stdout
+
+
+def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
+    assert [r.key for r in a.rows] == [r.key for r in b.rows]
+    assert a.manifest == b.manifest
+    for ra, rb in zip(a.rows, b.rows):
+        assert (ra.target_tokens, ra.draft_tokens, ra.split) == (rb.target_tokens, rb.draft_tokens, rb.split)
+        for name in a.feature_names("target") + a.feature_names("draft"):
+            assert torch.equal(a.hidden(ra, name), b.hidden(rb, name)), (ra.key, name)
+    ha, hb = a.heads(), b.heads()
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+
+
+def request_of(store: FeatureStore, row) -> Request:
+    samples, _ = load_dataset(store.manifest["data"]["root"])
+    sample = next(s for s in samples if s.id == row.sample_id)
+    return Request(sample, row.question_id, row.question)
+
+
+# ------------------------------------------------------------------------------------------- alignment
+
+def test_target_rows_predict_the_stored_tokens_through_the_stored_head(reference):
+    store, _ = reference
+    assert len(store) == N_REQUESTS and store.manifest["counts"]["rows"] == N_REQUESTS
+    head = store.heads()["target.lm_head"]
+    for row in store.rows:
+        logits = store.hidden(row, "target.final").float() @ head.T
+        assert logits.argmax(-1).tolist() == row.target_tokens, row.key
+
+
+def test_draft_rows_line_up_one_to_one_with_target_rows(reference):
+    store, _ = reference
+    for shard in sorted({r.shard for r in store.rows}):
+        n_rows = sum(len(r.target_tokens) for r in store.rows if r.shard == shard)
+        with safe_open(str(store.root / "shards" / f"{shard}.safetensors"), framework="pt") as f:
+            shapes = {name: f.get_slice(name).get_shape()[0] for name in f.keys()}  # noqa: SIM118
+        assert set(shapes) == set(store.feature_names("target") + store.feature_names("draft"))
+        assert set(shapes.values()) == {n_rows}, (shard, shapes)
+
+
+def test_stored_rows_equal_a_fresh_teacher_forced_pass(reference):
+    """Rows of both models recomputed alone (batch of one) from the stored target tokens."""
+    store, _ = reference
+    models = config(store.manifest["data"]["root"], store.root).models
+    target, draft = build_backends(models, "cpu")
+    for row in (store.rows[0], store.rows[-1]):  # one of each clip
+        request = request_of(store, row)
+        for role, backend in (("target", target), ("draft", draft)):
+            fresh = backend.teacher_forced(backend.prepare([request]), [row.target_tokens], backend.capture_layers())
+            for name in [f"h{i}" for i in backend.capture_layers()] + ["final"]:
+                stored = store.hidden(row, f"{role}.{name}").float()
+                torch.testing.assert_close(stored, fresh[name][0].to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_killed_run_resumes_to_the_uninterrupted_store(dataset, reference, tmp_path):
+    out = tmp_path / "store"
+    proc = cli(dataset, out, wait=False)
+    shards = out / "shards"
+    deadline = time.monotonic() + 120
+    while not list(shards.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = list(shards.glob("*.safetensors"))
+    assert 1 <= len(written) < N_REQUESTS // 2 and not (out / "rows.parquet").exists(), "killed too late"
+    (shards / f".r00-{len(written):06d}.safetensors.x1y2.tmp").write_bytes(b"half a shard")  # killed mid-write
+
+    run = cli(dataset, out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_store(FeatureStore(out), reference[0])
+    assert not list(out.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------- bad samples
+
+def clip_ids(root: Path) -> list[str]:
+    return [s.id for s in load_dataset(root)[0]]
+
+
+def corrupt_copy(dataset: Path, dest: Path, clips: list[int]) -> Path:
+    root = dest / dataset.name
+    shutil.copytree(dataset, root)
+    videos = sorted((root / "mp4").rglob("*.mp4"))
+    for i in clips:
+        videos[i].write_bytes(os.urandom(4000))
+    return root
+
+
+def test_a_bad_clip_is_skipped_and_recorded(dataset, tmp_path):
+    root = corrupt_copy(dataset, tmp_path, clips=[1])
+    store = FeatureStore(extract(config(root, tmp_path / "store")))
+    bad, (good_id, bad_id) = sorted((root / "mp4").rglob("*.mp4"))[1], clip_ids(root)
+    assert len(store) == QUESTIONS_PER_CLIP and {r.sample_id for r in store.rows} == {good_id}
+    errors = store.errors()
+    assert sorted(e["key"] for e in errors) == [f"{bad_id}#{q}" for q in range(QUESTIONS_PER_CLIP)]
+    assert all(str(bad) in e["reason"] for e in errors)
+    assert store.manifest["counts"]["errors"] == QUESTIONS_PER_CLIP
+
+
+def test_fail_fast_after_counts_failures_before_the_first_success(dataset, tmp_path):
+    """Clip 0 is bad: its 6 requests (3 batches) fail before clip 1 succeeds. fail_fast_after=6 stops the
+    run and records nothing (a fixed rerun retries them); 7 lets it reach clip 1 and finish."""
+    root = corrupt_copy(dataset, tmp_path, clips=[0])
+    out = tmp_path / "store"
+    with pytest.raises(SystematicFailure, match="first 6 requests all failed.*000000.mp4"):
+        extract(config(root, out, "fail_fast_after=6"))
+    assert not (out / "errors.jsonl").exists() and not list((out / "shards").iterdir())
+    store = FeatureStore(extract(config(root, out, "fail_fast_after=7")))
+    assert {r.sample_id for r in store.rows} == {clip_ids(root)[1]}
+    assert len(store.errors()) == QUESTIONS_PER_CLIP
+
+
+def test_systematic_failure_stops_with_the_first_error(dataset, tmp_path):
+    """Every video is bad: fewer failures than fail_fast_after, but no request ever succeeded."""
+    root = corrupt_copy(dataset, tmp_path, clips=[0, 1])
+    out = tmp_path / "store"
+    run = cli(root, out)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "requests all failed" in errors[0]
+    assert f"{clip_ids(root)[0]}#0" in errors[0] and "000000.mp4" in errors[0]
+    assert "Traceback" not in run.stderr
+    assert not (out / "rows.parquet").exists() and not (out / "errors.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ mismatches
+
+def test_consumer_expecting_other_layers_is_refused(reference):
+    store, _ = reference
+    FeatureStore(store.root, expect={"layers": store.manifest["layers"]})
+    with pytest.raises(StoreMismatch, match=r"layers.target: expected \[2, 16, 29\]"):
+        FeatureStore(store.root, expect={"layers": {"target": [2, 16, 29]}})
+
+
+def test_extract_into_a_store_of_other_models_is_refused(reference, tmp_path):
+    """The tiny pair's architecture (config hash) does not depend on its seed: the seed is recorded."""
+    store, _ = reference
+    assert store.manifest["target"]["seed"] == 0
+    with pytest.raises(StoreMismatch, match=r"(?s)target.seed: expected 1, store has 0.*Choose another `out=`"):
+        extract(config(store.manifest["data"]["root"], store.root, "models.seed=1"))
+    with pytest.raises(StoreMismatch, match=r"target.quant: expected 'bf16', store has 'fp32'"):
+        extract(config(store.manifest["data"]["root"], store.root, "models.quant=bf16"))
+    assert FeatureStore(store.root).manifest["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ddp_ranks_write_one_store_equal_to_a_single_process_run(dataset, reference, tmp_path):
+    out = tmp_path / "store"
+    run = cli(dataset, out, "trainer.devices=2", "trainer.strategy=ddp",
+              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("feature store") == 1  # rank 0 reports
+    store = FeatureStore(out)
+    assert {r.shard[:3] for r in store.rows} == {"r00", "r01"}
+    assert len({r.key for r in store.rows}) == len(store) == N_REQUESTS
+    assert_same_store(store, reference[0])
+
+
+# ------------------------------------------------------------------------------------------ progress bar
+
+def test_progress_bar_shows_samples_per_second(reference):
+    _, console = reference
+    assert "samples/s=" in console
