@@ -83,8 +83,11 @@ def token_adapter_flops_per_token(c: TokenAdapterConfig, T: int) -> float:
 
 
 def loader_rate(dm, seconds: float = 3.0) -> float:
-    """Response tokens per second the train loader delivers (host side only)."""
+    """Response tokens per second the train loader delivers (host side only), in steady state:
+    one pass first starts the (persistent) workers and warms the page cache, as in training."""
     loader = dm.train_dataloader()
+    for _ in loader:
+        pass
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for b in loader:

@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from adapters.eagle3 import fuse_features
 from data.store import FeatureStore, Row
 from specalign.errors import DataError, SpecalignError
 
@@ -154,18 +153,30 @@ class FeatureRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
+        """Row slices as read from the memory-mapped shards; fused and padded in one copy by
+        `collate_features`."""
         row, n = self.rows[i], min(len(self.rows[i].target_tokens), self.max_len)
-        feats = fuse_features(lambda name: self.store.hidden(row, name)[:n], self.names)
-        return {"tokens": torch.tensor(row.target_tokens[:n], dtype=torch.long), "feats": feats,
+        return {"tokens": torch.tensor(row.target_tokens[:n], dtype=torch.long),
+                "parts": [self.store.hidden(row, name)[:n] for name in self.names],
                 "final": self.store.hidden(row, "target.final")[:n]}
 
 
 def collate_features(items: list[dict]) -> dict:
-    """-> tokens [B, T], length [B], feats [B, T, fc_in], final [B, T, H] (zero padded)."""
+    """-> tokens [B, T], length [B], feats [B, T, fc_in] (the parts side by side, `fuse_features`
+    order), final [B, T, H]; zero padded, each row copied once into the batch."""
+    B, T = len(items), max(len(it["tokens"]) for it in items)
+    widths = [p.shape[-1] for p in items[0]["parts"]]
+    first = items[0]["final"]
+    feats = first.new_zeros(B, T, sum(widths))
+    final = first.new_zeros(B, T, first.shape[-1])
+    for b, it in enumerate(items):
+        n, col = len(it["tokens"]), 0
+        for part, w in zip(it["parts"], widths):
+            feats[b, :n, col: col + w] = part
+            col += w
+        final[b, :n] = it["final"]
     return {"tokens": pad([it["tokens"] for it in items], PAD_ID),
-            "length": torch.tensor([len(it["tokens"]) for it in items]),
-            "feats": pad([it["feats"] for it in items]),
-            "final": pad([it["final"] for it in items])}
+            "length": torch.tensor([len(it["tokens"]) for it in items]), "feats": feats, "final": final}
 
 
 class FeatureDataModule(_StoreDataModule):
