@@ -32,17 +32,33 @@ first token when its prefill ends and one more per draft decode step, so when th
 k = 1 + floor((t_prefill_target - t_prefill_draft) / t_draft_step) draft tokens exist (0 when the draft
 prefill is the slower), at most the draft response. The target verifies them in its first round and
 accepts the longest prefix equal to its own greedy response.
+
+Speculative sampling (`temperature=T`, optional `top_p`, `seed`): besides the greedy runs, every drafter
+also decodes every request with speculative sampling (`sampling_entries`: the same drafters in sampling
+mode, sharing their weights). The TokenAdapter and EAGLE-3 then draw their proposals from their own
+distributions at temperature T and hand q to the engine, EventGPT as a draft model samples too, and
+`raw_draft` proposes its fixed greedy tokens (one-hot q). Sampling is over the ids both models read
+(`VocabSampling`: ids below the smaller embedding table; Video-LLaVA's 64 extra head rows, image/video/pad
+ids and padding, are no words, and EventGPT cannot embed them when they are accepted); speculative
+sampling leaves that target distribution unchanged. The draws come from one CPU generator, re-seeded
+from (seed, request) before each run, so every drafter and gamma meets the same seed on a request and a
+run does not depend on which other drafters are in the report. Acceptance is measured from the engine's
+rounds against each sampled output (`report["sampling_online"][name][gamma]`); beside it, the offline
+expected acceptance, the mean over the target's greedy response positions of sum_x min(p(x), q(x)) at
+temperature T (`offline.expected_sampling_acceptance`), where the store has the hidden states and the
+drafter has a distribution (not `raw_draft`; top-p is not applied offline).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from data.samples import Request
 from data.store import FeatureStore, Row
@@ -53,6 +69,7 @@ from specdec.online import (
     GreedyResult,
     ModelDrafter,
     OnlineResult,
+    Sampling,
     TokenListDrafter,
     greedy_generate,
     speculative_generate,
@@ -162,10 +179,81 @@ def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
     return {**entries, **baseline_entries(draft)}, notes
 
 
-def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos) -> OnlineResult:
+def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
+              sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
     return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                hidden_layers=entry.hidden_layers, request=entry.request(p))
+                                max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
+                                generator=generator, hidden_layers=entry.hidden_layers, request=entry.request(p))
+
+
+# ----------------------------------------------------------------------------- speculative sampling
+
+@dataclass(frozen=True)
+class VocabSampling(Sampling):
+    """`Sampling` over ids < vocab only (logits of the ids above are dropped before temperature and top-p)."""
+
+    vocab: int | None = None
+
+    def probs(self, logits: Tensor) -> Tensor:
+        if self.vocab is not None and logits.shape[-1] > self.vocab:
+            logits = logits.float().clone()
+            logits[..., self.vocab:] = float("-inf")
+        return super().probs(logits)
+
+
+def sampling_of(cfg: DictConfig, vocab: int | None = None) -> VocabSampling | None:
+    """`temperature` (null or 0: greedy only), an optional `top_p`, over ids < vocab."""
+    t = cfg.get("temperature")
+    if t is None or float(t) == 0.0:
+        return None
+    top_p = float(cfg.get("top_p") or 1.0)
+    if float(t) < 0 or not 0.0 < top_p <= 1.0:
+        raise SpecalignError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {t!r} and {top_p!r}")
+    return VocabSampling(float(t), top_p, vocab)
+
+
+def shared_vocab(target, draft) -> int:
+    """The ids both models can embed: a sampled target token is fed to EventGPT when it drafts."""
+    return min(target.embed_weight().shape[0], draft.embed_weight().shape[0])
+
+
+def sampling_drafter(drafter: Drafter, sampling: Sampling, generator: torch.Generator) -> Drafter:
+    """The same drafter (shared weights) drawing its proposals from its distribution q, which it returns."""
+    if isinstance(drafter, TokenListDrafter):
+        return TokenListDrafter()                               # fixed tokens: one-hot q
+    if isinstance(drafter, ModelDrafter):                       # TargetAsDrafter included
+        return type(drafter)(drafter.model, sampling, generator)
+    if isinstance(drafter, (TokenAdapterDrafter, Eagle3OnlineDrafter)):
+        return drafter.with_sampling(sampling, generator)
+    raise SpecalignError(f"{type(drafter).__name__} has no sampling mode")
+
+
+def sampling_entries(entries: dict[str, Entry], sampling: Sampling, generator: torch.Generator) -> dict[str, Entry]:
+    return {name: replace(e, drafter=sampling_drafter(e.drafter, sampling, generator), runs={})
+            for name, e in entries.items()}
+
+
+def run_seed(seed: int, request_index: int) -> int:
+    return (int(seed) * 1_000_003 + request_index) % 2**63
+
+
+def expected_acceptance(cfg: DictConfig, store: FeatureStore, rows: list[Row], temperature: float) -> dict:
+    """name -> the offline mean of sum_x min(p(x), q(x)) over the rows' target greedy positions, for the
+    drafters with a distribution the store can recompute (full stores): the exported drafter(s) and EventGPT."""
+    from specdec import offline
+    from specdec.drafters import drafter_entries as offline_entries
+
+    if not store.has_hidden:
+        return {}
+    fns = {}
+    for path, name, ablation in ((cfg.drafter, None, cfg.no_draft is None), (cfg.no_draft, "no_draft", False)):
+        if path:
+            try:
+                fns.update(offline_entries(path, store, rows, name=name, allow_ablation=ablation)[1])
+            except SpecalignError as e:      # e.g. an EAGLE-3 whose features the store lacks
+                log.warning("no offline expected acceptance for %s: %s", path, e)
+    fns["draft_model"] = lambda r: offline.head_logits(store, r, "draft")
+    return {name: offline.expected_sampling_acceptance(store, rows, fn, temperature) for name, fn in fns.items()}
 
 
 # ----------------------------------------------------------------------------- costs
@@ -246,6 +334,9 @@ class OnlineRuns:
     entries: dict[str, Entry]     # with their runs: entry.runs[gamma][request]
     prepared: list[Prepared]
     notes: list[str]
+    sampling: VocabSampling | None = None
+    seed: int = 0
+    sampled: dict[str, Entry] = field(default_factory=dict)   # the entries in sampling mode, with their runs
 
 
 @torch.inference_mode()
@@ -262,6 +353,9 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
     entries, notes = all_entries(cfg, draft)
+    sampling = sampling_of(cfg, shared_vocab(target, draft))
+    seed, generator = int(cfg.get("seed") or 0), torch.Generator()
+    sampled = sampling_entries(entries, sampling, generator) if sampling else {}
     warm_up(target, draft, requests[0])
     prepared = []
     for i, (row, request) in enumerate(zip(rows, requests)):
@@ -269,8 +363,13 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
         for entry in entries.values():
             for g in gammas:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
+        for entry in sampled.values():
+            for g in gammas:
+                generator.manual_seed(run_seed(seed, i))
+                entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"],
+                                                              sampling, generator))
         log.info("online %d/%d: %s", i + 1, len(rows), row.key)
-    return OnlineRuns(store, entries, prepared, notes)
+    return OnlineRuns(store, entries, prepared, notes, sampling, seed, sampled)
 
 
 def evaluate_online(cfg: DictConfig, gammas: list[int]) -> dict:
@@ -291,12 +390,41 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "target_greedy_equals_store": sum(p.greedy.tokens == p.row.target_tokens for p in prepared),
               "draft_greedy_equals_store": sum(p.draft.tokens == p.row.draft_tokens for p in prepared),
               "online_equals_target_greedy": by["same"]}
-    return {"mode": "online", "split": cfg.split, "gammas": gammas, "store": str(cfg.store),
-            "store_identity": {k: runs.store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
-            "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
-            "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
-            "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
-            "checks": checks, "notes": runs.notes + check_notes(checks)}
+    report = {"mode": "online", "split": cfg.split, "gammas": gammas, "store": str(cfg.store),
+              "store_identity": {k: runs.store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
+              "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
+              "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
+              "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
+              "checks": checks, "notes": runs.notes + check_notes(checks)}
+    if runs.sampling:
+        report["sampling_online"] = sampling_report(cfg, gammas, runs)
+        report["notes"].append(sampling_note(runs))
+    return report
+
+
+def sampling_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
+    """name -> gamma -> measured acceptance over the sampled outputs, the sampling settings, and the offline
+    expected acceptance (None where there is none)."""
+    s = runs.sampling
+    expected = expected_acceptance(cfg, runs.store, [p.row for p in runs.prepared], s.temperature)
+    out = {}
+    for name, e in runs.sampled.items():
+        for g in gammas:
+            acc = Acceptance(g)
+            for run in e.runs[g]:
+                acc.add_sample(run.rounds)
+            out.setdefault(name, {})[str(g)] = {**acc.summary(), "temperature": s.temperature, "top_p": s.top_p,
+                                                "vocab": s.vocab, "seed": runs.seed,
+                                                "expected_alpha": expected.get(name)}
+    return out
+
+
+def sampling_note(runs: OnlineRuns) -> str:
+    s = runs.sampling
+    return (f"Speculative sampling at temperature {s.temperature}" + (f", top-p {s.top_p}" if s.top_p < 1 else "")
+            + f" (seed {runs.seed}), over the {s.vocab} ids both models read: τ and α are measured over each sampled "
+            "output, which is not the greedy response; expected α is the offline mean of Σ min(p, q) along the "
+            "target's greedy responses (full vocabulary, no top-p).")
 
 
 def entry_numbers(entry: Entry, runs: list[OnlineResult], prepared: list[Prepared], target: dict,

@@ -12,7 +12,10 @@ Structure of report.json:
      "speedup": {name: {"<gamma>": {projected, projected_e2e, wall_clock}}},
      "prefill_hiding": {gap_s, draft_step_s, tokens_fit, accepted, fit_total, accepted_total, accept_rate},
      "checks": {requests, target_greedy_equals_store, draft_greedy_equals_store,
-                online_equals_target_greedy: {name: {"<gamma>": count}}}}
+                online_equals_target_greedy: {name: {"<gamma>": count}}},
+     # online mode with temperature=T: measured speculative sampling beside the offline expectation
+     "sampling_online": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, ..., temperature, top_p,
+                                            seed, expected_alpha (or null)}}}}
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def markdown_table(report: dict) -> str:
                   "| drafter | temperature | expected α |", "|---|---|---|"]
         for name, s in report["sampling"].items():
             lines.append(f"| {name} | {s['temperature']} | {s['expected_alpha']:.3f} |")
+    if report.get("sampling_online"):
+        lines += sampling_online_table(report["sampling_online"])
     if report.get("costs"):
         lines += cost_tables(report["costs"])
     if report.get("speedup"):
@@ -68,6 +73,20 @@ def markdown_table(report: dict) -> str:
 
 def _num(v: float | None, spec: str = ".3g") -> str:
     return "–" if v is None else format(v, spec)
+
+
+def sampling_online_table(sampling: dict) -> list[str]:
+    """Online speculative sampling: measured τ, α (over the sampled outputs) beside the offline expected α."""
+    lines = ["", ("Online speculative sampling (measured over the sampled outputs; expected α: offline mean "
+                  "Σ min(p, q) per position along the target's greedy responses):"), "",
+             "| drafter | γ | temperature | τ | α | expected α | rounds | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per_gamma in sampling.items():
+        for g, s in per_gamma.items():
+            temp = f"{s['temperature']:g}" + (f" (top-p {s['top_p']:g})" if s.get("top_p", 1.0) < 1 else "")
+            lines.append(f"| {name} | {g} | {temp} | {s['tau']:.3f} | {s['alpha']:.3f} "
+                         f"| {_num(s.get('expected_alpha'), '.3f')} | {s['rounds']} | {s['tokens']} |")
+    return lines
 
 
 def cost_tables(costs: dict) -> list[str]:

@@ -1,6 +1,8 @@
 """`specalign evaluate mode=online` on the tiny pair, a small synthetic world and tiny trained drafters:
 online greedy output is the target's greedy output and online acceptance equals the offline simulation
-for every drafter, the target drafting for itself is always accepted, the CLI writes the report."""
+for every drafter, the target drafting for itself is always accepted, the CLI writes the report.
+Speculative sampling (temperature=T): every drafter runs in sampling mode with valid proposal
+distributions q, and at T -> 0 it reproduces the greedy runs."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,8 +21,17 @@ from data.synth import synthesize
 from specalign.paths import CONF_DIR, REPO_ROOT
 from specdec.evaluate import evaluate_offline
 from specdec.metrics import Acceptance
-from specdec.online import TargetAsDrafter, speculative_generate
-from specdec.online_eval import load_samples, online_report, prefill_spec, requests_of_rows, run_online
+from specdec.online import Sampling, TargetAsDrafter, speculative_generate
+from specdec.online_eval import (
+    eos_ids,
+    load_samples,
+    online_report,
+    prefill_spec,
+    requests_of_rows,
+    run_entry,
+    run_online,
+    sampling_entries,
+)
 from train.export import export_run
 from train.extract import extract
 from train.train import main as train_main
@@ -139,10 +151,11 @@ def test_target_as_its_own_drafter_is_always_accepted(world):
 
 
 def test_cli_writes_the_online_report(world, tmp_path):
+    """Greedy results, costs and speedups, and (temperature=1.0) the speculative-sampling table."""
     out = tmp_path / "report"
     cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "+models=tiny",
            f"store={world['store']}", f"drafter={world['token_adapter']}", "split=test", "limit=2", "gamma=[2,3]",
-           f"out={out}"]
+           "temperature=1.0", f"out={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -164,3 +177,110 @@ def test_cli_writes_the_online_report(world, tmp_path):
     assert report["checks"]["target_greedy_equals_store"] == 2
     md = (out / "report.md").read_text()
     assert "Speedup over plain target decoding" in md and "Prefill hiding" in md and "target prefill" in md
+    # temperature=1.0: speculative sampling for every drafter too
+    sampling = report["sampling_online"]
+    assert set(sampling) == set(report["results"])
+    for name, per_gamma in sampling.items():
+        assert set(per_gamma) == {"2", "3"}
+        for s in per_gamma.values():
+            assert RESULT_KEYS <= set(s) and s["samples"] == 2 and s["temperature"] == 1.0
+            assert (s["expected_alpha"] is None) == (name == "raw_draft")
+    assert "Online speculative sampling" in md
+
+
+# ----------------------------------------------------------------------------- speculative sampling
+
+class Recorder:
+    """A drafter wrapper keeping every (proposal, q) the drafter hands the engine."""
+
+    def __init__(self, drafter):
+        self.drafter, self.calls = drafter, []
+
+    def begin(self, context):
+        self.drafter.begin(context)
+
+    def propose(self, accepted, gamma):
+        tokens, q = self.drafter.propose(accepted, gamma)
+        self.calls.append((list(tokens), q))
+        return tokens, q
+
+    def observe(self, accepted_tokens, hidden):
+        self.drafter.observe(accepted_tokens, hidden)
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return build_backends({"tiny": True, "quant": "fp32"})
+
+
+@pytest.fixture(scope="module")
+def sampled(world) -> dict:
+    """name -> (config, OnlineRuns) with temperature=1.0 on two requests (greedy runs included)."""
+    configs = {"token_adapter": online_config(world, "token_adapter", None, "temperature=1.0", "limit=2"),
+               "eagle3": online_config(world, "eagle3_both", "eagle3_target", "temperature=1.0", "limit=2")}
+    return {name: (cfg, run_online(cfg, GAMMAS)) for name, cfg in configs.items()}
+
+
+@pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
+def test_online_sampling_reports_every_drafter(sampled, which):
+    cfg, runs = sampled[which]
+    report = online_report(cfg, GAMMAS, runs)
+    assert set(report["sampling_online"]) == set(report["results"]) == {"drafter", "no_draft", "raw_draft",
+                                                                        "draft_model"}
+    for name, per_gamma in report["sampling_online"].items():
+        assert set(per_gamma) == {str(g) for g in GAMMAS}
+        for s in per_gamma.values():
+            assert RESULT_KEYS <= set(s) and s["samples"] == 2 and s["rounds"] > 0
+            assert s["temperature"] == 1.0 and s["seed"] == 0 and 0.0 <= s["alpha"] <= 1.0
+            if name == "raw_draft":
+                assert s["expected_alpha"] is None
+            else:
+                assert 0.0 < s["expected_alpha"] <= 1.0, name
+    for entry in runs.sampled.values():
+        for g in GAMMAS:
+            for run in entry.runs[g]:
+                assert 0 < len(run.tokens) <= MAX_NEW
+                assert sum(r.generated for r in run.rounds) == len(run.tokens), "rounds are over the sampled output"
+
+
+@pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
+def test_sampling_drafters_return_their_proposal_distributions(sampled, tiny_models, which):
+    """The trained drafter and its ablation sample their proposals and return q: rows are distributions
+    (nonnegative, sum 1) and every proposed token is in the support of its row; EAGLE-3's rows vanish
+    outside the draft vocabulary."""
+    _, runs = sampled[which]
+    target, draft = tiny_models
+    eos = eos_ids(runs.store, target, draft)["target"]
+    g = torch.Generator()
+    for name in ("drafter", "no_draft"):
+        entry = runs.sampled[name]
+        recorder = Recorder(entry.drafter)
+        for i, p in enumerate(runs.prepared):
+            g.manual_seed(i)
+            run_entry(target, replace(entry, drafter=recorder), p, 4, MAX_NEW, eos, runs.sampling, g)
+        calls = [(tokens, q) for tokens, q in recorder.calls if tokens]
+        assert len(calls) > 2, name
+        for tokens, q in calls:
+            assert q is not None and q.shape[0] == len(tokens) and q.dtype == torch.float32, name
+            assert (q >= 0).all()
+            torch.testing.assert_close(q.sum(-1), torch.ones(len(tokens)), atol=1e-4, rtol=0)
+            assert all(q[k, t] > 0 for k, t in enumerate(tokens)), "proposals must be in the support of q"
+            assert not q[:, runs.sampling.vocab:].any(), "only ids both models read are proposed"
+            if which == "eagle3":
+                assert not q[:, ~entry.drafter.model.t2d.cpu()].any(), "q is zero outside the draft vocabulary"
+
+
+@pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
+def test_sampling_at_low_temperature_reproduces_greedy(online, tiny_models, which):
+    """T = 1e-4: p and q are one-hot at the argmax, so sampling drafts, accepts and outputs as greedy does."""
+    _, runs = online[which]
+    target, draft = tiny_models
+    eos = eos_ids(runs.store, target, draft)["target"]
+    cold, g = Sampling(temperature=1e-4), torch.Generator().manual_seed(0)
+    entries = sampling_entries({n: runs.entries[n] for n in ("drafter", "no_draft")}, cold, g)
+    for name, entry in entries.items():
+        for gamma in GAMMAS:
+            for p, greedy in zip(runs.prepared, runs.entries[name].runs[gamma]):
+                run = run_entry(target, entry, p, gamma, MAX_NEW, eos, cold, g)
+                assert run.tokens == greedy.tokens, (name, gamma)
+                assert run.rounds == greedy.rounds, (name, gamma)
