@@ -3,10 +3,12 @@
     python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
     python bench/extract.py --models real --device cuda --quant both --batch 8 --samples 32
 
-- batched:    `ExtractionModule.run` on batches of `--batch` requests (batched greedy generation of both
-              models, then one teacher-forced pass per model over the target's responses);
-- per-sample: the same steps for one request at a time (generate with the target, generate with the
-              draft, then a separate teacher-forced forward per model, batch size 1).
+- batched:    `ExtractionModule.run` on batches of `--batch` requests: the target's batched greedy generation
+              capturing its feature rows as it decodes (its prompt is computed once), then the draft's prompt
+              prefilled once, its greedy generation on that KV cache and its teacher-forced pass over the
+              target's responses on top of the cached prompt (`HFBackend.generate_and_teacher_force`);
+- per-sample: one request at a time without that reuse: generate with the target, generate with the
+              draft, then a separate teacher-forced forward (prompt + response) per model, batch size 1.
 
 `--models real` builds both models at their 7B configuration (vlms/real_configs.py) with random weights,
 initialised directly on the device in bf16; nf4 then replaces the LLaMA decoders' linear layers by
@@ -15,11 +17,14 @@ Inputs are clips of the synthetic world (8 video frames, 5 event frames), prompt
 word-level tokenizer, and the LM-head rows of special ids are zeroed so that no response holds a media
 placeholder. `--ignore-eos` (default) makes every response `--max-new-tokens` long.
 
-Beside each measurement: the analytic floor per sample. FLOPs = 2 x params x tokens over the prefill, the
-decode steps and the teacher-forced pass of each model, plus the vision towers (run in the prefill and in
-the teacher-forced pass); bytes = per decode step the decoder and LM-head weights (shared by the batch)
-plus the request's KV cache. Floor time = compute FLOPs / peak + decode steps x max(bytes / bandwidth,
-FLOPs / peak); defaults are an H200's dense bf16 peak and HBM bandwidth.
+Beside each measurement: the analytic floor per sample of that path. FLOPs = 2 x params x tokens over the
+prefill, the decode steps and the teacher-forced pass of each model, plus the vision towers. Per-sample:
+the teacher-forced passes recompute both prompts and vision towers (per model: prefill, decode steps, then
+prompt + n - 1 response tokens). Batched: the target has no teacher-forced pass (prefill and decode steps
+only), the draft's adds only the n - 1 response tokens to its cached prompt; each vision tower runs once.
+Bytes = per decode step the decoder and LM-head weights (shared by the batch) plus the request's KV cache.
+Floor time = compute FLOPs / peak + decode steps x max(bytes / bandwidth, FLOPs / peak); defaults are an
+H200's dense bf16 peak and HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -220,10 +225,27 @@ def batched(module: ExtractionModule, requests, batch: int):
     return run
 
 
+@torch.inference_mode()
+def separate_passes(module: ExtractionModule, requests) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+    """Extraction without reusing any prompt computation: generate with both models, then a separate
+    teacher-forced forward over prompt + target response per model: the features `ExtractionModule.run`
+    returns (and the responses' texts)."""
+    tb, db = module.target.prepare(requests), module.draft.prepare(requests)
+    target_resp = module.target.generate(tb, module.max_new_tokens, module.ignore_eos)
+    draft_resp = module.draft.generate(db, module.max_new_tokens, module.ignore_eos)
+    feats = {}
+    for role, backend, batch in (("target", module.target, tb), ("draft", module.draft, db)):
+        out = backend.teacher_forced(batch, target_resp, backend.capture_layers())
+        for name, per_request in out.items():
+            feats[f"{role}.{name}"] = torch.cat([t.to(torch.bfloat16).cpu() for t in per_request])
+    texts = [(module.target.decode(tr), module.draft.decode(dr)) for tr, dr in zip(target_resp, draft_resp)]
+    return feats, texts
+
+
 def per_sample(module: ExtractionModule, requests):
     def run():
         for r in requests:
-            module.run([r])
+            separate_passes(module, [r])
     return run
 
 
@@ -231,19 +253,27 @@ def per_sample(module: ExtractionModule, requests):
 
 @dataclass
 class ModelCost:
-    compute_flops: float   # per sample: prefill, teacher-forced pass, vision towers
+    compute_flops: float   # per sample: prefill, teacher-forced pass, vision towers (not the decode steps)
     step_flops: float      # per sample and decode step
     weight_bytes: float    # per decode step, shared by the batch
     kv_bytes: float        # per sample and decode step (mean over the steps)
 
 
-def model_cost(backend, counts: dict, requests, n_new: int, quant: str) -> ModelCost:
+def model_cost(backend, counts: dict, requests, n_new: int, quant: str, reuse_prompt: bool) -> ModelCost:
+    """`reuse_prompt`: the batched path (ExtractionModule.run): no second pass over the prompt; the target
+    has no teacher-forced pass at all (its rows come from the decode steps), the draft's covers the n - 1
+    forced response tokens only. Otherwise (per-sample loop) the teacher-forced pass recomputes the prompt
+    and the vision tower: prompt + n - 1 tokens."""
     text = backend.text_config
     prompt = sum(backend.prepare([r]).prompt_lens[0] for r in requests[:4]) / min(4, len(requests))
     flops_per_token = 2 * counts["decoder"]
     vision_tokens = _vision_tokens(backend, requests[0])
-    compute = (flops_per_token * (prompt + prompt + n_new - 1) + 2 * counts["head"]
-               + 2 * 2 * counts["vision"] * vision_tokens)
+    if not reuse_prompt:
+        forced_tokens, vision_passes = prompt + n_new - 1, 2
+    else:
+        forced_tokens, vision_passes = (0 if backend.role == "target" else n_new - 1), 1
+    compute = (flops_per_token * (prompt + forced_tokens) + 2 * counts["head"]
+               + vision_passes * 2 * counts["vision"] * vision_tokens)
     weight = NF4_BYTES if quant == "nf4" else 2
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2
@@ -281,12 +311,13 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
         torch.cuda.empty_cache()
     loaded = torch.cuda.memory_allocated() if a.device == "cuda" else None
     module.run(requests[: a.batch])  # warm-up: kernels, allocator, caches
-    module.run(requests[:1])
-    costs = [model_cost(b, counts[b.role], requests, a.max_new_tokens, quant) for b in (target, draft)]
+    separate_passes(module, requests[:1])
     describe(target, draft, counts, loaded, quant)
     rows = []
     for path, batch, fn in (("per-sample", 1, per_sample(module, requests)),
                             ("batched", a.batch, batched(module, requests, a.batch))):
+        costs = [model_cost(b, counts[b.role], requests, a.max_new_tokens, quant, reuse_prompt=path == "batched")
+                 for b in (target, draft)]
         seconds, mem = timed(fn, a.device)
         rows.append({"quant": quant, "path": path, "batch": batch, "rate": len(requests) / seconds,
                      "peak": mem.peak, "reserved": mem.reserved, **floor(costs, a.max_new_tokens, batch, a)})

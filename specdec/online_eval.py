@@ -109,13 +109,14 @@ def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
 
     if cfg.get("data"):
         samples, _ = load_from_config(cfg.data)
-    else:
-        data = store.manifest.get("data") or {}
-        if not data.get("root"):
-            raise DataError(store.root / "manifest.json", "no data.root recorded",
-                            "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
-        samples, _ = load_dataset(data["root"], questions=store.manifest.get("questions"),
-                                  duration=data.get("duration"))
+        return {s.id: s for s in samples}
+    datasets = store.manifest.get("datasets") or ([store.manifest["data"]] if store.manifest.get("data") else [])
+    if not datasets:
+        raise DataError(store.root / "manifest.json", "no dataset recorded",
+                        "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
+    samples = []
+    for d in datasets:  # every dataset extracted into the store (e.g. 1 s and 500 ms clips)
+        samples += load_dataset(d["root"], questions=store.manifest.get("questions"), duration=d.get("duration"))[0]
     return {s.id: s for s in samples}
 
 

@@ -24,7 +24,7 @@ from data.store import FeatureStore
 from data.synth import synthesize
 from specalign.errors import StoreMismatch, SystematicFailure
 from specalign.paths import CONF_DIR, REPO_ROOT
-from train.extract import extract
+from train.extract import ExtractionModule, extract, requests_of
 from vlms.registry import build_backends
 
 # 2 clips x 6 questions = 12 requests in 6 batches; fixed-length responses so that runs last long enough
@@ -121,6 +121,33 @@ def test_stored_rows_equal_a_fresh_teacher_forced_pass(reference):
             for name in [f"h{i}" for i in backend.capture_layers()] + ["final"]:
                 stored = store.hidden(row, f"{role}.{name}").float()
                 torch.testing.assert_close(stored, fresh[name][0].to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_run_reads_each_prompt_once_and_keeps_the_teacher_forced_rows(dataset, monkeypatch):
+    """`ExtractionModule.run` stores the separate passes' tokens and rows (up to bf16 rounding) with one
+    forward over each model's prompt: target rows captured while decoding, the draft's teacher-forced rows
+    on its cached prompt."""
+    target, draft = build_backends({"tiny": True, "quant": "fp32"}, "cpu")
+    requests = requests_of(load_dataset(dataset)[0])[1:5]
+    batches = {b.role: b.prepare(requests) for b in (target, draft)}
+    responses = {b.role: b.generate(batches[b.role], 24) for b in (target, draft)}
+    expected = {}
+    for b in (target, draft):
+        out = b.teacher_forced(batches[b.role], responses["target"], b.capture_layers())
+        expected |= {f"{b.role}.{name}": torch.cat(rows) for name, rows in out.items()}
+
+    widths = {"target": [], "draft": []}  # the sequence length of every forward through each decoder
+    for b in (target, draft):
+        b.decoder.layers[0].register_forward_pre_hook(lambda m, args, role=b.role: widths[role].append(args[0].shape[1]))
+        monkeypatch.setattr(b, "teacher_forced", None)  # not called
+    rows, feats = ExtractionModule(target, draft, 24).run(requests)
+    assert [r["target_tokens"] for r in rows] == responses["target"]
+    assert [r["draft_tokens"] for r in rows] == responses["draft"]
+    assert feats.keys() == expected.keys()
+    for name, rows_ in expected.items():
+        torch.testing.assert_close(feats[name].float(), rows_.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-4)
+    for role, batch in batches.items():
+        assert sum(w >= min(batch.prompt_lens) for w in widths[role]) == 1, (role, widths[role])
 
 
 # ---------------------------------------------------------------------------------------------- resume

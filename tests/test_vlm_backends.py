@@ -3,6 +3,7 @@ feature rows (THE alignment test), loading from local directories, 4-bit loading
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -148,6 +149,58 @@ def test_teacher_forced_rows_predict_the_response(backend, requests):
         for name in feats:
             assert feats[name][b].shape == (len(response), backend.text_config.hidden_size)
         assert (feats["final"][b] @ head.T).argmax(-1).tolist() == response
+
+
+def stops_early(backend, requests):
+    """A copy of `backend` whose EOS logit is 1.05 x the logit of a word the original emits at step 4 of
+    request 0: it ends request 0 there and the others wherever that word would have won, if anywhere."""
+    word = backend.generate(backend.prepare(requests[:1]), 5, ignore_eos=True)[0][4]
+    model = copy.deepcopy(backend.model)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[backend.eos_id] = 1.05 * head[word]
+    return type(backend)(model, backend.tokenizer)
+
+
+def assert_same_rows(got: dict, expected: dict, n_rows: list[int]) -> None:
+    assert list(got) == list(expected)
+    for name, rows in expected.items():
+        assert [tuple(t.shape) for t in got[name]] == [(n, rows[0].shape[-1]) for n in n_rows], name
+        for b, (g, e) in enumerate(zip(got[name], rows)):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5, msg=lambda m, name=name, b=b: f"{name}[{b}]: {m}")
+
+
+def test_rows_captured_while_decoding_equal_teacher_forced_rows(backend, requests):
+    """`generate(capture_layers=...)` keeps the rows of the prefill's last position and of each decode step:
+    the teacher-forced rows, every row of every request of a left-padded batch of mixed prompt lengths and
+    response lengths (some cut at EOS while the others go on)."""
+    early = stops_early(backend, requests)
+    batch = early.prepare(requests)
+    layers = early.capture_layers()
+    responses, feats = early.generate(batch, 12, capture_layers=layers)
+    assert responses == early.generate(batch, 12)
+    lengths = [len(r) for r in responses]
+    assert len(set(batch.prompt_lens)) > 1 and len(set(lengths)) > 1
+    assert responses[0][-1] == early.eos_id and len(responses[0]) == 5
+    assert_same_rows(feats, early.teacher_forced(batch, responses, layers), lengths)
+    head = early.lm_head_weight()
+    for b, response in enumerate(responses):  # the captured final rows chose the tokens: exact
+        assert (feats["final"][b] @ head.T).argmax(-1).tolist() == response
+
+
+def test_teacher_forcing_on_the_cached_prompt_equals_teacher_forced(backend, pair, requests):
+    """`generate_and_teacher_force`: the model's own responses as `generate`, and the rows of other responses
+    (the target's, cut to mixed lengths: right padded on top of the left-padded cached prompt) as
+    `teacher_forced`."""
+    target = pair[0]
+    forced = [r[:n] for r, n in zip(target.generate(target.prepare(requests), MAX_NEW), (MAX_NEW, 1, 6, 0))]
+    batch = backend.prepare(requests)
+    layers = backend.capture_layers()
+    own, feats = backend.generate_and_teacher_force(batch, MAX_NEW, forced, layers)
+    assert own == backend.generate(batch, MAX_NEW)
+    assert_same_rows(feats, backend.teacher_forced(batch, forced, layers), [len(r) for r in forced])
+    _, eos_cut = backend.generate_and_teacher_force(batch, 40, forced, layers)  # decoding cut at EOS: same rows
+    assert_same_rows(eos_cut, feats, [len(r) for r in forced])
 
 
 def test_captured_layers_are_hidden_states_at_feature_positions(pair, requests):

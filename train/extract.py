@@ -1,9 +1,11 @@
 """`specalign extract data=... models=... out=STORE`: paired extraction into a feature store.
 
 A Lightning predict loop: `ExtractionModule.predict_step` runs, per batch of (clip, question)
-requests, batched greedy generation of both models and ONE teacher-forced pass of each model
-over the target's responses, keeping only the captured layers at the response positions
-(vlms/alignment.py). `StoreWriterCallback` writes each batch as one atomic shard.
+requests, batched greedy generation of both models. The target's feature rows are captured
+while it generates (row j is the position whose prediction is r_j: vlms/alignment.py); the
+draft reuses its prompt cache for one teacher-forced pass over the target's responses. Only
+the captured layers at the response positions are kept. `StoreWriterCallback` writes each
+batch as one atomic shard.
 
 Resume: rerunning the same command skips every request already in a shard (or recorded as
 an error) and ends with the same store. DDP: the pending requests are cut into batches as a
@@ -13,6 +15,7 @@ shards; after a barrier rank 0 saves the heads and finalizes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -67,14 +70,18 @@ class ExtractionModule(L.LightningModule):
 
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-        """One batch: generate with both, teacher-force both on the target's responses."""
+        """One batch: the target's greedy responses with its feature rows captured while it decodes (no
+        second pass over its prompt); the draft's prompt prefilled once, for its own greedy responses and
+        for its teacher-forced rows on the target's responses (`HFBackend.generate_and_teacher_force`).
+        Rows equal `teacher_forced`'s up to floating-point noise (tests/test_vlm_backends.py)."""
         tb, db = self.target.prepare(requests), self.draft.prepare(requests)
-        target_resp = self.target.generate(tb, self.max_new_tokens, self.ignore_eos)
-        draft_resp = self.draft.generate(db, self.max_new_tokens, self.ignore_eos)
+        target_layers, draft_layers = self.target.capture_layers(), self.draft.capture_layers()
+        target_resp, target_feats = self.target.generate(tb, self.max_new_tokens, self.ignore_eos,
+                                                         capture_layers=target_layers)
+        draft_resp, draft_feats = self.draft.generate_and_teacher_force(db, self.max_new_tokens, target_resp,
+                                                                        draft_layers, self.ignore_eos)
         feats = {}
-        for role, backend, batch in (("target", self.target, tb), ("draft", self.draft, db)):
-            layers = backend.capture_layers()
-            out = backend.teacher_forced(batch, target_resp, layers)
+        for role, layers, out in (("target", target_layers, target_feats), ("draft", draft_layers, draft_feats)):
             for name in [f"h{i}" for i in layers] + ["final"]:
                 feats[f"{role}.{name}"] = torch.cat([t.to(torch.bfloat16).cpu() for t in out[name]])
         rows = []
@@ -183,6 +190,16 @@ def store_manifest(target, draft, cfg: DictConfig) -> dict:
     }
 
 
+def dataset_record(out: Path, cfg: DictConfig, requests: list[Request]) -> dict:
+    """Manifest keys listing every dataset extracted into this store (one store may hold the 1 s
+    and the 500 ms clips, written by two runs) and the union of their questions."""
+    old = json.loads((Path(out) / "manifest.json").read_text())
+    this = {"root": str(cfg.data.root), "duration": cfg.data.get("duration")}
+    datasets = [d for d in old.get("datasets", []) if d != this] + [this]
+    questions = sorted(set(old.get("questions") or []) | {r.question for r in requests})
+    return {"datasets": datasets, "questions": questions}
+
+
 def heads_of(target, draft) -> dict[str, torch.Tensor]:
     heads = {"target.lm_head": target.lm_head_weight(), "target.embed_tokens": target.embed_weight(),
              "draft.lm_head": draft.lm_head_weight()}
@@ -254,7 +271,7 @@ def extract(cfg: DictConfig) -> Path | None:
     if rank != 0:
         return None
     writer.save_heads(heads_of(target, draft))
-    writer.finalize({"questions": sorted({r.question for r in requests})})
+    writer.finalize(dataset_record(out, cfg, requests))
     return out
 
 

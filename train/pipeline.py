@@ -128,20 +128,14 @@ def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Pat
     return report
 
 
-def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], world: dict,
-                    out: Path) -> dict | None:
-    try:
-        from specdec.online_eval import evaluate_online as run_online
-    except ImportError:
-        return None
+def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], out: Path) -> dict:
+    from specdec.online_eval import evaluate_online as run_online
     from specdec.report import write_report
 
     cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
                                f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
                                "+models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
-                               f"models.draft.path={pair[1]}", f"+data=synthetic_{world['durations'][0]}",
-                               f"data.root={world['out']}/synthetic_{world['durations'][0]}",
-                               f"max_new_tokens={P.extract.max_new_tokens}"])
+                               f"models.draft.path={pair[1]}"])  # the datasets are recorded in the store
     report = run_online(cfg, [int(P.evaluate.gammas[-1])])
     write_report(report, out)
     return report
@@ -223,8 +217,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
         for label in ("token_adapter", "eagle3_target"):
             if label not in drafters:
                 continue
-            rep = evaluate_online(P, store, drafters[label], pair, world, out / "reports" / f"{label}_online")
-            for name, per_gamma in (rep or {}).get("results", {}).items():
+            rep = evaluate_online(P, store, drafters[label], pair, out / "reports" / f"{label}_online")
+            for name, per_gamma in rep["results"].items():
                 is_baseline = name in ("raw_draft", "draft_model")
                 key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
                 online[key] = per_gamma[str(P.evaluate.gammas[-1])]["tau"]

@@ -56,6 +56,11 @@ class VLMBackend(Protocol):
         """Run prompt + responses[b][:-1] in one pass; return {"h{i}": [...], "final": [...]}, each a
         per-request list of [len(responses[b]), H] tensors at the feature positions only."""
 
+    # Extraction's fast path (vlms/hf_backend.py): the target's rows captured while it generates
+    # (`generate(..., capture_layers=layers)` -> (responses, feats)), and the draft's own greedy
+    # response plus its teacher-forced rows over given responses on one prompt cache
+    # (`generate_and_teacher_force(batch, max_new_tokens, responses, layers)`).
+
     def lm_head_weight(self) -> torch.Tensor: ...
 
     def embed_weight(self) -> torch.Tensor: ...

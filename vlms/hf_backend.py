@@ -1,5 +1,11 @@
 """What both VLM backends share: loading options, CLIP preprocessing, left padding, batched greedy
-decoding and the teacher-forced capture of feature rows (vlms/base.py is the interface)."""
+decoding and the teacher-forced capture of feature rows (vlms/base.py is the interface).
+
+Beyond the interface, two ways to get the feature rows without a second pass over a prompt (used by the
+batched extraction, train/extract.py): `generate(..., capture_layers=...)` keeps the rows of its own
+responses as it decodes, and `generate_and_teacher_force` prefills the prompt once, decodes on that KV
+cache, then teacher-forces other responses on top of the cropped cache. Both give `teacher_forced`'s rows
+up to floating-point noise (tests/test_vlm_backends.py)."""
 
 from __future__ import annotations
 
@@ -113,28 +119,57 @@ def cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
 
 
 @contextmanager
-def capture_rows(decoder: nn.Module, layers: Sequence[int],
-                 gather: Callable[[torch.Tensor], list[torch.Tensor]]) -> Iterator[dict]:
-    """While active, keep `gather(hidden)` of the inputs of `decoder.layers[i]` (as "h{i}") and of the
-    output of `decoder.norm` (as "final"); nothing else of the pass is kept."""
-    captured: dict[str, list[torch.Tensor]] = {}
+def hook_layers(decoder: nn.Module, layers: Sequence[int], keep: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, call `keep(name, hidden)` on every forward with the input of `decoder.layers[i]`
+    (name "h{i}", transformers' hidden_states[i]) and the output of `decoder.norm` (name "final")."""
 
     def keep_input(name):
         def hook(module, args, kwargs):
-            captured[name] = gather(args[0] if args else kwargs["hidden_states"])
+            keep(name, args[0] if args else kwargs["hidden_states"])
         return hook
 
     def keep_output(module, args, output):
-        captured["final"] = gather(output)
+        keep("final", output)
 
     handles = [decoder.layers[i].register_forward_pre_hook(keep_input(f"h{i}"), with_kwargs=True)
                for i in dict.fromkeys(layers)]
     handles.append(decoder.norm.register_forward_hook(keep_output))
     try:
-        yield captured
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def capture_rows(decoder: nn.Module, layers: Sequence[int],
+                 gather: Callable[[torch.Tensor], list[torch.Tensor]]) -> Iterator[dict]:
+    """While active, keep `gather(hidden)` of the inputs of `decoder.layers[i]` (as "h{i}") and of the
+    output of `decoder.norm` (as "final"); nothing else of the pass is kept."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    with hook_layers(decoder, layers, lambda name, hidden: captured.__setitem__(name, gather(hidden))):
+        yield captured
+
+
+@contextmanager
+def capture_last_position(decoder: nn.Module, layers: Sequence[int]) -> Iterator[dict]:
+    """While active, every forward appends the last sequence position of the hooked states ([B, H], a copy:
+    no view keeps a prefill's [B, L, H] activations alive) to the list of its name. At a prefill that is the
+    last prompt position (left padding), at a KV-cache decode step the single new position."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    with hook_layers(decoder, layers, lambda name, hidden: captured.setdefault(name, []).append(
+            hidden[:, -1].clone())):
+        yield captured
+
+
+def rows_of_steps(steps: dict[str, list[torch.Tensor]], n_rows: Sequence[int]) -> dict[str, list[torch.Tensor]]:
+    """{name: S tensors [B, H], one per forward} -> {name: per request b its first n_rows[b] rows [n_b, H]},
+    on the CPU (the format of `HFBackend.teacher_forced`)."""
+    out = {}
+    for name, per_step in steps.items():
+        stacked = torch.stack(per_step, dim=1).cpu()                                # [B, S, H]
+        out[name] = [stacked[b, :n].clone() for b, n in enumerate(n_rows)]
+    return out
 
 
 class HFBackend:
@@ -195,15 +230,91 @@ class HFBackend:
                      prompt_lens=[len(p) for p in prompts])
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
+    def generate(self, batch: Batch, max_new_tokens: int, ignore_eos: bool = False,
+                 capture_layers: Sequence[int] | None = None
+                 ) -> list[list[int]] | tuple[list[list[int]], dict[str, list[torch.Tensor]]]:
         """Batched greedy decoding with the KV cache. Rows are cut after their first EOS (kept);
-        with `ignore_eos` every row runs `max_new_tokens` steps and nothing is cut."""
-        if max_new_tokens <= 0:
-            return [[] for _ in batch.requests]
+        with `ignore_eos` every row runs `max_new_tokens` steps and nothing is cut.
+
+        With `capture_layers`, returns (responses, feats): the feature rows of the responses captured during
+        decoding, in the format of `teacher_forced(batch, responses, capture_layers)` (the same numbers up to
+        floating-point noise, without a second pass over the prompt). Row 0 is the last prompt position of
+        the prefill, row j the input position of decode step j (holding r_{j-1}; its logits chose r_j), for
+        j < len(responses[b]); so argmax(final row j @ LM head) == r_j by construction."""
+        if capture_layers is None:
+            return self._greedy(batch, max_new_tokens, ignore_eos)[0]
+        self._check_layers(capture_layers)
+        if max_new_tokens <= 0:  # no forward at all: no rows
+            empty = torch.empty(0, self.text_config.hidden_size, dtype=self.media_dtype)
+            names = [f"h{i}" for i in sorted(set(capture_layers))] + ["final"]  # the order the hooks fire in
+            return [[] for _ in batch.requests], {name: [empty] * len(batch.requests) for name in names}
+        with capture_last_position(self.decoder, capture_layers) as steps:
+            responses, _ = self._greedy(batch, max_new_tokens, ignore_eos)
+        return responses, rows_of_steps(steps, [len(r) for r in responses])
+
+    @torch.no_grad()
+    def generate_and_teacher_force(self, batch: Batch, max_new_tokens: int, responses: list[list[int]],
+                                   layers: Sequence[int], ignore_eos: bool = False
+                                   ) -> tuple[list[list[int]], dict[str, list[torch.Tensor]]]:
+        """(`generate(batch, max_new_tokens, ignore_eos)`, `teacher_forced(batch, responses, layers)`) with the
+        prompt computed once (same numbers up to floating-point noise). `responses` are other tokens than
+        this model's own (the draft forced on the target's responses).
+
+        The prompt prefill runs once with the KV cache; its last position is feature row 0 of every
+        response. Greedy decoding continues on that cache; the cache is then cropped back to the (left
+        padded) prompt and responses[b][:-1] are fed on top of it in one forward, right padded to the
+        longest, at positions P_b, P_b + 1, ... (positions count real tokens, as `positions_from_mask`):
+        they give rows 1..n_b-1 (`vlms.alignment`: row i is at position P_b - 1 + i)."""
+        self._check_layers(layers)
+        with capture_last_position(self.decoder, layers) as first:
+            out, mask, positions = self._prefill(batch)
+        own, cache = self._decode(out, mask, positions, max_new_tokens, ignore_eos)
+        n_rows = [len(r) for r in responses]
+        feats = rows_of_steps(first, [min(n, 1) for n in n_rows])                  # row 0 (none if n_b = 0)
+        tails = [list(r[:-1]) for r in responses]
+        width = max((len(t) for t in tails), default=0)
+        if width == 0:
+            return own, feats
+        cache.crop(mask.shape[1] - cache.get_seq_length())                        # back to the prompt
+        ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
+        for b, t in enumerate(tails):
+            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+            tail_mask[b, :len(t)] = 1
+        prompt_lens = torch.tensor(batch.prompt_lens, dtype=torch.long)
+        tail_positions = prompt_lens[:, None] + torch.arange(width)                # [B, width]
+        mask = torch.cat([mask, tail_mask.to(mask.device)], dim=1)
+
+        def gather(hidden):
+            return [hidden[b, :len(t)] for b, t in enumerate(tails)]
+
+        with capture_rows(self.decoder, layers, gather) as rest:
+            self.model.model(input_ids=ids.to(self.device), attention_mask=mask,
+                             position_ids=tail_positions.to(self.device), cache=cache, use_cache=True)
+        for name in feats:
+            feats[name] = [torch.cat([row0, more.cpu()]) for row0, more in zip(feats[name], rest[name])]
+        return own, feats
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        bad = [i for i in layers if not 0 <= i < self.text_config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for {self.text_config.num_hidden_layers} decoder layers")
+
+    def _prefill(self, batch: Batch):
+        """The prompt forward with the KV cache: (output, attention mask, position ids)."""
         inputs = dict(batch.inputs)
         mask = inputs.pop("attention_mask")
         positions = positions_from_mask(mask)
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out, mask, positions
+
+    def _decode(self, out, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, ignore_eos: bool):
+        """Greedy steps after `_prefill`: (responses, the KV cache). Forward k (k = 0 the prefill) chooses
+        token k; the last chosen token is never fed."""
+        if max_new_tokens <= 0:
+            return [[] for _ in range(mask.shape[0])], out.cache
         steps, finished = [], torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         for step in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)                                   # [B]
@@ -216,7 +327,13 @@ class HFBackend:
             out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                              cache=out.cache, use_cache=True, logits_to_keep=1)
         tokens = torch.stack(steps, dim=1).tolist()
-        return tokens if ignore_eos else [cut_after_eos(t, self.eos_id) for t in tokens]
+        return (tokens if ignore_eos else [cut_after_eos(t, self.eos_id) for t in tokens]), out.cache
+
+    def _greedy(self, batch: Batch, max_new_tokens: int, ignore_eos: bool):
+        if max_new_tokens <= 0:
+            return [[] for _ in batch.requests], None
+        out, mask, positions = self._prefill(batch)
+        return self._decode(out, mask, positions, max_new_tokens, ignore_eos)
 
     @torch.no_grad()
     def teacher_forced(self, batch: Batch, responses: list[list[int]], layers: list[int]
@@ -224,9 +341,7 @@ class HFBackend:
         """One forward of prompt + responses[b][:-1] per batch (left padded, no LM head). Returns
         {"h{i}": [...], "final": [...]}, per request a [len(responses[b]), H] tensor on the CPU whose
         row i is at `vlms.alignment.feature_positions` (it predicts responses[b][i])."""
-        bad = [i for i in layers if not 0 <= i < self.text_config.num_hidden_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range for {self.text_config.num_hidden_layers} decoder layers")
+        self._check_layers(layers)
         ids = batch.inputs["input_ids"]
         prompts = [ids[b, ids.shape[1] - n:].tolist() for b, n in enumerate(batch.prompt_lens)]
         seqs = [teacher_forced_inputs(p, r) for p, r in zip(prompts, responses)]
