@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from data.store import FeatureStore, Row
 from specalign.errors import DataError, SpecalignError
@@ -161,20 +161,31 @@ class FeatureRows(Dataset):
                 "final": self.store.hidden(row, "target.final")[:n]}
 
 
+def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised batch tensor; in a loader worker it is allocated in shared memory (as
+    torch's default_collate does), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return like.new_empty(shape)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).view(shape)
+
+
 def collate_features(items: list[dict]) -> dict:
     """-> tokens [B, T], length [B], feats [B, T, fc_in] (the parts side by side, `fuse_features`
     order), final [B, T, H]; zero padded, each row copied once into the batch."""
     B, T = len(items), max(len(it["tokens"]) for it in items)
     widths = [p.shape[-1] for p in items[0]["parts"]]
     first = items[0]["final"]
-    feats = first.new_zeros(B, T, sum(widths))
-    final = first.new_zeros(B, T, first.shape[-1])
+    feats = batch_buffer(first, (B, T, sum(widths)))
+    final = batch_buffer(first, (B, T, first.shape[-1]))
     for b, it in enumerate(items):
         n, col = len(it["tokens"]), 0
         for part, w in zip(it["parts"], widths):
             feats[b, :n, col: col + w] = part
             col += w
         final[b, :n] = it["final"]
+        feats[b, n:] = 0
+        final[b, n:] = 0
     return {"tokens": pad([it["tokens"] for it in items], PAD_ID),
             "length": torch.tensor([len(it["tokens"]) for it in items]), "feats": feats, "final": final}
 
