@@ -159,11 +159,12 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
     return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
 
 
-def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path]) -> str:
+def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path], n_online: int) -> str:
     table = Table(title=f"acceptance on the test split, γ={gamma} (offline, exact)")
-    for col in ("drafter", "τ", "α", "rounds", "online τ"):
+    online_col = f"online τ ({n_online} req.)"
+    for col in ("drafter", "τ", "α", "rounds", online_col):
         table.add_column(col, justify="left" if col == "drafter" else "right")
-    md = [f"| drafter | τ (γ={gamma}) | α | rounds | online τ |", "|---|---|---|---|---|"]
+    md = [f"| drafter | τ (γ={gamma}) | α | rounds | {online_col} |", "|---|---|---|---|---|"]
     for r in rows:
         on = online.get(r["drafter"])
         cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]),
@@ -231,7 +232,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     rows = summary_rows(reports, gamma)
     where = {"world": Path(world["out"]), "taught pair": pair[0].parent, "store": store,
              "runs": out / "runs", "drafters": out / "drafters", "reports": out / "reports", "curves": Path(curves)}
-    md = print_summary(rows, online, gamma, where)
+    md = print_summary(rows, online, gamma, where, int(P.evaluate.online_limit or 0))
     summary = {"gamma": gamma, "rows": rows, "online_tau": online, "where": {k: str(v) for k, v in where.items()},
                "seconds": time.perf_counter() - step.t0}
     write_json(out / "summary.json", summary)
