@@ -106,7 +106,9 @@ def train_run(P: DictConfig, store: Path, run: Path, adapter: str, extra: list[s
     from train.train import train as run_train
 
     preset = P.token_adapter if adapter == "token_adapter" else P.eagle3
+    epochs = (P.get("epochs") or {}).get(adapter)  # per-drafter epochs over the shared trainer preset
     cfg = compose("train", [f"adapter={adapter}", f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
+                            *([f"trainer.max_epochs={epochs}"] if epochs else []),
                             *overrides(preset, "adapter."), *extra])
     run_train(cfg)
     return run

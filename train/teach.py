@@ -14,6 +14,7 @@ entry is trained in a temp directory and renamed into place when complete, `done
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from data.dsec import load_dataset
 from data.samples import Request, Sample
+from data.synth import WorldConfig
 from specalign.errors import DataError
 from specalign.io import write_json
 from specalign.paths import CONF_DIR
@@ -220,10 +222,9 @@ def fit(backend: HFBackend, train: list[Sample], held_out: list[Sample], cfg: Ma
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg["epochs"], logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         enable_progress_bar=isinstance(progress, TQDMProgressBar), callbacks=[progress],
-                        gradient_clip_val=cfg["grad_clip"], limit_val_batches=None if val_items else 0,
-                        check_val_every_n_epoch=cfg["val_every"])
+                        gradient_clip_val=cfg["grad_clip"], check_val_every_n_epoch=cfg["val_every"])
     trainer.fit(module, loader(train_items, backend.pad_id, cfg["batch_size"], cfg["seed"]),
-                loader(val_items or train_items[:1], backend.pad_id, cfg["batch_size"]))
+                loader(val_items, backend.pad_id, cfg["batch_size"]) if val_items else None)
     backend.model.eval()
     return {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
 
@@ -291,11 +292,13 @@ def world_config(world_dir: str | Path) -> dict:
 def cache_inputs(world_cfg: Mapping, teach_cfg: Mapping) -> dict:
     """Everything the taught pair depends on."""
     tokenizer = build_tokenizer()
-    return {"world": {k: v for k, v in plain(world_cfg).items() if k not in WORLD_VOLATILE},
+    world = {**dataclasses.asdict(WorldConfig()), **plain(world_cfg)}    # synth's defaults made explicit
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    return {"world": {k: v for k, v in world.items() if k not in WORLD_VOLATILE},
             "teach": teach_settings(teach_cfg),
             "models": {"target": config_hash(tiny_target_config(tokenizer)),
                        "draft": config_hash(tiny_draft_config(tokenizer))},
-            "vocabulary": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+            "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest()[:16],
             "code_version": CODE_VERSION}
 
 
@@ -321,6 +324,7 @@ def cached_teach(world_cfg: Mapping, teach_cfg: Mapping, cache_root: str | Path,
         write_json(tmp / "done.json", {"key": key, **cache_inputs(world_cfg, teach_cfg)})
         if not (entry / "done.json").is_file():   # else a concurrent run finished first: keep that one
             shutil.rmtree(entry, ignore_errors=True)
+            tmp.chmod(0o755)
             tmp.rename(entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,11 +360,12 @@ def print_report(report: dict, show: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("question", "target", "draft", "reference (target style)", show_lines=True)
-    for row in report["rows"][:show]:
-        table.add_row(row["question"], row["target"], row["draft"], row["reference"])
     console = Console()
-    console.print(table)
+    if show:
+        table = Table("question", "target", "draft", "reference (target style)", show_lines=True)
+        for row in report["rows"][:show]:
+            table.add_row(row["question"], row["target"], row["draft"], row["reference"])
+        console.print(table)
     acc, raw = report["token_accuracy"], report["raw_draft"]
     console.print(f"token accuracy vs references on {len(report['rows'])} held-out requests: "
                   f"target {acc['target']:.3f}, draft {acc['draft']:.3f}")
