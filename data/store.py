@@ -306,6 +306,14 @@ class FeatureStore:
             raise ValueError(f"split must be one of train|val|test|all, got {split!r}")
         return [r for r in self.rows if r.split == split]
 
+    def to_hf_dataset(self, split: str = "all"):
+        """The row table as a Hugging Face `datasets.Dataset` (tokens, texts, splits; no hidden
+        states), for analysis with the datasets toolbox (filter, map, to_pandas...)."""
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(str(self.root / "rows.parquet"), keep_in_memory=True)
+        return ds if split == "all" else ds.filter(lambda r: r["split"] == split)
+
     def layers(self, model: str) -> list[int]:
         return list(self.manifest["layers"][model])
 

@@ -56,6 +56,9 @@ def test_round_trip_rows_and_hidden(tmp_path):
     assert store.feature_names("target") == ["target.h2", "target.h3", "target.final"]
     assert store.heads()["target.lm_head"].shape == (50, 8)
     assert sum(len(store.select(s)) for s in ("train", "val", "test")) == 5
+    ds = store.to_hf_dataset()
+    assert ds["target_tokens"] == [r["target_tokens"] for r in rows]
+    assert len(store.to_hf_dataset("train")) == len(store.select("train"))
 
 
 def test_consumer_with_other_expectations_is_refused(tmp_path):
