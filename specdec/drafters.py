@@ -104,6 +104,6 @@ def _eagle3_entries(model, store: FeatureStore, name: str) -> Entries:
     def logprobs(row: Row) -> torch.Tensor:
         return torch.nan_to_num(model.logits(feats(row), row.target_tokens).float(), nan=float("-inf"))
 
-    notes = [f"'{name}': EAGLE-3 on {model.config.feature_source} features; its first round of each response "
-             "proposes nothing (no accepted token to embed yet), as EAGLE's prefill."]
+    notes = [(f"'{name}': EAGLE-3 on {model.config.feature_source} features; its first round of each response "
+              "proposes nothing (no accepted token to embed yet), as EAGLE's prefill.")]
     return {name: proposer}, {name: logprobs}, notes

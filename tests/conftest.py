@@ -15,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: one intra-op thread is far faster than several on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_file(name: str) -> Path:
     """Path of a real data sample, or skip the test with the reason."""
     p = SHARED_DATA / name

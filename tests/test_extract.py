@@ -33,15 +33,6 @@ N_REQUESTS, QUESTIONS_PER_CLIP = 12, 6
 SPECALIGN = [sys.executable, "-c", "from specalign.cli import main; main()"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is far faster than several on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return synthesize(tmp_path_factory.mktemp("world"), clips=2, seed=1, durations=("1s",))["1s"]

@@ -64,11 +64,11 @@ def test_bad_pair_files_name_the_file_and_problem(tmp_path, content, match):
 def test_cli_import_pairs_and_missing_file(tmp_path):
     src = shared_file("token_pairs_dsec_1s_10x10.json")
     ok = subprocess.run(["specalign", "import-pairs", f"src={src}", f"out={tmp_path / 's'}"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "imported 100 pairs" in ok.stdout
     bad = subprocess.run(["specalign", "import-pairs", f"src={tmp_path / 'missing.json'}", f"out={tmp_path / 'x'}"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "missing.json: token-pair file not found" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -51,15 +51,6 @@ DRAFTERS = {
 RESULT_KEYS = {"tau", "alpha", "alpha_at", "rounds", "tokens", "samples"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is far faster than several on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides))

@@ -30,15 +30,6 @@ QUESTIONS = ["What is happening in this scene?", "Describe the objects and their
 MAX_NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is far faster than several on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def requests(tmp_path_factory) -> list[Request]:
     """Four requests over three clips (different frame counts and sizes), prompts of different lengths."""
