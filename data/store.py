@@ -280,6 +280,7 @@ class FeatureStore:
         table = pq.read_table(self.root / "rows.parquet")
         self.rows = [self._row(i, r) for i, r in enumerate(table.to_pylist())]
         self._handles: dict[str, Any] = {}
+        self._heads: dict[str, torch.Tensor] | None = None
 
     @staticmethod
     def _row(i: int, r: dict) -> Row:
@@ -339,11 +340,14 @@ class FeatureStore:
         return sl[row.offset: row.offset + len(row.target_tokens)]
 
     def heads(self) -> dict[str, torch.Tensor]:
-        p = self.root / "heads.safetensors"
-        if not p.exists():
-            raise DataError(p, "LM heads missing from the store", "re-run `specalign extract`")
-        with safe_open(str(p), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+        """Both LM heads (+ the target's embeddings), read once per store object."""
+        if self._heads is None:
+            p = self.root / "heads.safetensors"
+            if not p.exists():
+                raise DataError(p, "LM heads missing from the store", "re-run `specalign extract`")
+            with safe_open(str(p), framework="pt") as f:
+                self._heads = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+        return self._heads
 
     def errors(self) -> list[dict]:
         p = self.root / "errors.jsonl"

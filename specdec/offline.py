@@ -34,19 +34,9 @@ def head_predictions(store: FeatureStore, row: Row, model: str) -> torch.Tensor:
 
 def head_logits(store: FeatureStore, row: Row, model: str, heads: dict | None = None) -> torch.Tensor:
     """Logits recomputed from the stored final-norm rows and LM head: [n, V]."""
-    heads = heads if heads is not None else _heads(store)
+    heads = heads if heads is not None else store.heads()
     final = store.hidden(row, f"{model}.final").float()
     return final @ heads[f"{model}.lm_head"].float().T
-
-
-_HEADS: dict[str, dict] = {}
-
-
-def _heads(store: FeatureStore) -> dict:
-    key = str(store.root.resolve())
-    if key not in _HEADS:
-        _HEADS[key] = store.heads()
-    return _HEADS[key]
 
 
 def acceptance(rows: Iterable[Row], make: Callable[[Row], Proposer], gamma: int) -> Acceptance:

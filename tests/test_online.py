@@ -25,15 +25,6 @@ from specdec.online import (
 VOCAB, GAMMA, MAX_NEW, EOS = 96, 4, 24, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_llama(seed: int, vocab: int = VOCAB, init: float = 0.5) -> LlamaForCausalLM:
     """A random 2-layer Llama; a large init range gives peaked, non-uniform next-token distributions."""
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
