@@ -50,17 +50,13 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
         logits_fns.update(lf)
         notes += n
     entries.update(offline.baseline_proposers(store))
-    results = {name: {} for name in entries}
-    for g in gammas:
-        for name, make in entries.items():
-            results[name][str(g)] = offline.acceptance(rows, make, g).summary()
+    tables = {name: offline.acceptances(rows, make, gammas, group=lambda r: r.duration)
+              for name, make in entries.items()}
+    results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
     if len(durations) > 1:  # e.g. DSEC 1 s vs 500 ms clips, at the largest gamma
-        for d in durations:
-            sub = [r for r in rows if r.duration == d]
-            by_duration[d] = {name: offline.acceptance(sub, make, gammas[-1]).summary()
-                              for name, make in entries.items()}
+        by_duration = {d: {name: t[d][gammas[-1]].summary() for name, t in tables.items()} for d in durations}
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},

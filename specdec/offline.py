@@ -39,11 +39,19 @@ def head_logits(store: FeatureStore, row: Row, model: str, heads: dict | None = 
     return final @ heads[f"{model}.lm_head"].float().T
 
 
-def acceptance(rows: Iterable[Row], make: Callable[[Row], Proposer], gamma: int) -> Acceptance:
-    acc = Acceptance(gamma)
+def acceptances(rows: Iterable[Row], make: Callable[[Row], Proposer], gammas: Sequence[int],
+                group: Callable[[Row], str | None] | None = None) -> dict[str, dict[int, Acceptance]]:
+    """{"all" | group: {gamma: Acceptance}}. Each row's proposer is built once (one drafter pass)
+    and serves every gamma and its group's table."""
+    tables: dict[str, dict[int, Acceptance]] = {}
     for row in rows:
-        acc.add_sample(simulate_greedy(row.target_tokens, make(row), gamma))
-    return acc
+        propose = make(row)
+        keys = {"all"} | ({group(row)} if group and group(row) else set())
+        for g in gammas:
+            rounds = simulate_greedy(row.target_tokens, propose, g)
+            for k in keys:
+                tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(rounds)
+    return tables
 
 
 def baseline_proposers(store: FeatureStore) -> dict[str, Callable[[Row], Proposer]]:
