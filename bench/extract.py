@@ -47,8 +47,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.dsec import load_dataset
+from data.samples import requests_of
 from data.synth import synthesize
-from train.extract import ExtractionModule, requests_of
+from train.extract import ExtractionModule
 from vlms import draft_backend, video_llava
 from vlms.draft_backend import DraftBackend
 from vlms.eventgpt import EventChatForCausalLM

@@ -31,3 +31,8 @@ class Request:
     @property
     def key(self) -> str:
         return f"{self.sample.id}#{self.question_id}"
+
+
+def requests_of(samples: list[Sample]) -> list[Request]:
+    """Every (sample, question) pair, questions numbered in each sample's own order."""
+    return [Request(s, qid, q) for s in samples for qid, q in enumerate(s.questions)]

@@ -19,12 +19,12 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from data.dsec import load_dataset
-from data.samples import Request
+from data.samples import Request, requests_of
 from data.store import FeatureStore
 from data.synth import synthesize
 from specalign.errors import StoreMismatch, SystematicFailure
 from specalign.paths import CONF_DIR, REPO_ROOT
-from train.extract import ExtractionModule, extract, requests_of
+from train.extract import ExtractionModule, extract
 from vlms.registry import build_backends
 
 # 2 clips x 6 questions = 12 requests in 6 batches; fixed-length responses so that runs last long enough

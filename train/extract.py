@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from data.samples import Request
+from data.samples import Request, requests_of
 from data.store import StoreWriter, split_of
 from specalign.errors import SpecalignError, SystematicFailure
 from specalign.stage import hydra_stage
@@ -48,14 +48,6 @@ class RequestList(Dataset):
 
 def _collate(items: list[Request]) -> list[Request]:
     return items
-
-
-def requests_of(samples, questions: list[str] | None = None) -> list[Request]:
-    out = []
-    for s in samples:
-        for qid, q in enumerate(questions or s.questions):
-            out.append(Request(sample=s, question_id=qid, question=q))
-    return out
 
 
 class ExtractionModule(L.LightningModule):

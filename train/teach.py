@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from data.dsec import load_dataset
-from data.samples import Request, Sample
+from data.samples import Request, Sample, requests_of
 from data.synth import WorldConfig
 from specalign.errors import DataError
 from specalign.io import write_json
@@ -84,10 +84,6 @@ def split(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
     return [s for s in samples if s.split == "train"], held_out
 
 
-def requests_of(sample: Sample) -> list[Request]:
-    return [Request(sample, qid, q) for qid, q in enumerate(sample.questions)]
-
-
 def reference(request: Request, style: str) -> str:
     references = request.sample.meta.get("references")
     if not references:
@@ -100,7 +96,7 @@ def examples(backend: HFBackend, samples: list[Sample]) -> list[Example]:
     """One example per (clip, question), answers in the backend's own style."""
     out = []
     for sample in samples:
-        requests = requests_of(sample)
+        requests = requests_of([sample])
         batch = backend.prepare(requests)
         media = {k: v[0] for k, v in batch.inputs.items() if k not in TEXT_INPUTS}
         ids = batch.inputs["input_ids"]
@@ -340,7 +336,7 @@ def compare(target_dir: str | Path, draft_dir: str | Path, samples: list[Sample]
     target, draft = load_target(target_dir, quant="fp32"), load_draft(draft_dir, quant="fp32")
     rows = []
     for sample in samples:
-        requests = requests_of(sample)
+        requests = requests_of([sample])
         answers = [b.generate(b.prepare(requests), max_new_tokens) for b in (target, draft)]
         for request, t, d in zip(requests, *answers):
             rows.append({"question": request.question, "target_tokens": t, "draft_tokens": d,
