@@ -1,7 +1,9 @@
 """Extraction throughput: the batched path against a per-sample loop, measured in one run.
 
     python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
-    python bench/extract.py --models real --device cuda --quant both --batch 8 --samples 32
+    python bench/extract.py --models real --device cuda --quant bf16 --batch 16,32,48 --samples 96
+    python bench/extract.py --models real --device cuda --quant nf4 --batch 16 --kv-cache static,offloaded \
+        --quantize-towers --quantize-heads                                              # + memory at batch 1
 
 - batched:    `ExtractionModule.run` on batches of `--batch` requests: the target's batched greedy generation
               capturing its feature rows as it decodes (its prompt is computed once), then the draft's prompt
@@ -9,6 +11,11 @@
               target's responses on top of the cached prompt (`HFBackend.generate_and_teacher_force`);
 - per-sample: one request at a time without that reuse: generate with the target, generate with the
               draft, then a separate teacher-forced forward (prompt + response) per model, batch size 1.
+
+Each `--batch` size and each `--kv-cache` ("static": preallocated, written in place; "dynamic": grown by
+concatenation; "offloaded": static in host memory, CUDA only) is a row of one table beside the per-sample
+loop, with the batched path's time split into preparing inputs (decode, preprocess), the target and the
+draft. For nf4 on CUDA the memory goal is measured on the batched path at batch 1 for each KV cache.
 
 `--models real` builds both models at their 7B configuration (vlms/real_configs.py) with random weights,
 initialised directly on the device in bf16; nf4 then replaces the LLaMA decoders' linear layers by
@@ -66,17 +73,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", choices=("tiny", "real"), default="tiny")
     p.add_argument("--quant", choices=("bf16", "nf4", "both"), default="bf16")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=_ints, default=[8], help="batch sizes of the batched path, e.g. 16,32,48")
     p.add_argument("--samples", type=int, default=32, help="(clip, question) requests per path")
+    p.add_argument("--baseline-samples", type=int, default=16, help="requests timed on the per-sample loop")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quantize-towers", action="store_true", help="nf4: the CLIP towers in 4-bit too")
+    p.add_argument("--quantize-heads", action="store_true", help="nf4: the LM heads in 4-bit too")
+    p.add_argument("--kv-cache", type=lambda s: s.split(","), default=["static"],
+                   help="KV caches to compare, of static,dynamic,offloaded")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s (H200: 989e12)")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (H200: 4.8e12)")
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads (the tiny pair's matrices "
                    "are too small to share)")
     return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -165,9 +180,12 @@ def build_backends(a, quant: str):
     draft = DraftBackend(draft_model, tokenizer, quant=quant)
     counts = {b.role: param_counts(b.model, b.role, b.decoder) for b in (target, draft)}
     if quant == "nf4":
-        towers = not a.quantize_towers
-        quantize_nf4(target_model, [*video_llava.DENSE_MODULES] + ([*video_llava.TOWERS] if towers else []))
-        quantize_nf4(draft_model, [*draft_backend.DENSE_MODULES] + ([draft_backend.TOWER] if towers else []))
+        from vlms.hf_backend import dense_modules
+
+        quantize_nf4(target_model, dense_modules(video_llava.DENSE_MODULES, video_llava.TOWERS, a.quantize_towers,
+                                                 a.quantize_heads))
+        quantize_nf4(draft_model, dense_modules(draft_backend.DENSE_MODULES, [draft_backend.TOWER],
+                                                a.quantize_towers, a.quantize_heads))
     return target, draft, counts
 
 
@@ -224,6 +242,40 @@ def batched(module: ExtractionModule, requests, batch: int):
         for i in range(0, len(requests), batch):
             module.run(requests[i:i + batch])
     return run
+
+
+class PhaseClock:
+    """Seconds spent in the backends' `prepare` (inputs), in the target's `generate` and in the draft's
+    `generate_and_teacher_force`, while active (CUDA synchronised at each boundary)."""
+
+    def __init__(self, module: ExtractionModule, device: str):
+        self.module, self.sync = module, (torch.cuda.synchronize if device == "cuda" else lambda: None)
+        self.seconds = {"inputs": 0.0, "target": 0.0, "draft": 0.0}
+
+    def _wrap(self, backend, method: str, phase: str):
+        inner = getattr(backend, method)
+
+        def timed_call(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[phase] += time.perf_counter() - t0
+        setattr(backend, method, timed_call)
+
+    def __enter__(self):
+        target, draft = self.module.target, self.module.draft
+        for backend, method, phase in ((target, "prepare", "inputs"), (draft, "prepare", "inputs"),
+                                       (target, "generate", "target"), (draft, "generate_and_teacher_force", "draft")):
+            self._wrap(backend, method, phase)
+        return self
+
+    def __exit__(self, *exc):
+        for backend in (self.module.target, self.module.draft):
+            for method in ("prepare", "generate", "generate_and_teacher_force"):
+                backend.__dict__.pop(method, None)
 
 
 @torch.inference_mode()
@@ -304,6 +356,10 @@ def floor(costs: list[ModelCost], n_new: int, batch: int, a) -> dict[str, float]
 
 # ---------------------------------------------------------------------------------------------- report
 
+def set_kv_cache(module: ExtractionModule, kv_cache: str) -> None:
+    module.target.kv_cache = module.draft.kv_cache = kv_cache
+
+
 def bench_quant(a, quant: str, requests) -> list[dict]:
     target, draft, counts = build_backends(a, quant)
     module = ExtractionModule(target, draft, a.max_new_tokens, a.ignore_eos)
@@ -311,23 +367,45 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
         gc.collect()
         torch.cuda.empty_cache()
     loaded = torch.cuda.memory_allocated() if a.device == "cuda" else None
-    module.run(requests[: a.batch])  # warm-up: kernels, allocator, caches
-    separate_passes(module, requests[:1])
     describe(target, draft, counts, loaded, quant)
-    rows = []
-    for path, batch, fn in (("per-sample", 1, per_sample(module, requests)),
-                            ("batched", a.batch, batched(module, requests, a.batch))):
-        costs = [model_cost(b, counts[b.role], requests, a.max_new_tokens, quant, reuse_prompt=path == "batched")
-                 for b in (target, draft)]
-        seconds, mem = timed(fn, a.device)
-        rows.append({"quant": quant, "path": path, "batch": batch, "rate": len(requests) / seconds,
-                     "peak": mem.peak, "reserved": mem.reserved, **floor(costs, a.max_new_tokens, batch, a)})
+    separate_passes(module, requests[:1])  # warm-up: kernels, allocator, caches
+    costs = {path: [model_cost(b, counts[b.role], requests, a.max_new_tokens, quant, reuse_prompt=path == "batched")
+                    for b in (target, draft)] for path in ("per-sample", "batched")}
+    set_kv_cache(module, "dynamic")  # as transformers' own generate
+    baseline = requests[: a.baseline_samples]
+    seconds, mem = timed(per_sample(module, baseline), a.device)
+    rows = [{"quant": quant, "path": "per-sample", "kv": "dynamic", "batch": 1, "rate": len(baseline) / seconds,
+             "peak": mem.peak, "reserved": mem.reserved, "phases": None,
+             **floor(costs["per-sample"], a.max_new_tokens, 1, a)}]
+    for kv_cache in a.kv_cache:
+        set_kv_cache(module, kv_cache)
+        for batch in a.batch:
+            module.run(requests[:batch])  # warm-up at this shape
+            with PhaseClock(module, a.device) as clock:
+                seconds, mem = timed(batched(module, requests, batch), a.device)
+            rows.append({"quant": quant, "path": "batched", "kv": kv_cache, "batch": batch,
+                         "rate": len(requests) / seconds, "peak": mem.peak, "reserved": mem.reserved,
+                         "phases": {k: v / len(requests) for k, v in clock.seconds.items()},
+                         **floor(costs["batched"], a.max_new_tokens, batch, a)})
     if quant == "nf4" and a.device == "cuda":
-        print(f"nf4, both models, towers {'4-bit' if a.quantize_towers else 'bf16'}: loaded {loaded / 1e9:.2f} GB; "
-              f"at batch 1 peak {rows[0]['peak'] / 1e9:.2f} GB allocated, {rows[0]['reserved'] / 1e9:.2f} GB "
-              f"reserved (goal <= {GOALS_GB[a.quantize_towers]} GB)")
+        memory_at_batch_1(a, module, requests, loaded)
     del module, target, draft
     return rows
+
+
+def memory_at_batch_1(a, module: ExtractionModule, requests, loaded: int) -> None:
+    """The nf4 memory goal: peak GPU memory of the batched path run one request at a time, per KV cache."""
+    towers = "4-bit" if a.quantize_towers else "bf16"
+    heads = "4-bit" if a.quantize_heads else "bf16"
+    print(f"nf4, both models, towers {towers}, LM heads {heads}: loaded {loaded / 1e9:.2f} GB "
+          f"(goal <= {GOALS_GB[a.quantize_towers]} GB at batch 1)")
+    for kv_cache in a.kv_cache:
+        set_kv_cache(module, kv_cache)
+        gc.collect()
+        torch.cuda.empty_cache()
+        seconds, mem = timed(batched(module, requests[:2], 1), a.device)
+        print(f"  batch 1, kv_cache {kv_cache}: peak {mem.peak / 1e9:.2f} GB allocated, {mem.reserved / 1e9:.2f} GB "
+              f"reserved, {2 / seconds:.2f} samples/s")
 
 
 def describe(target, draft, counts, loaded, quant) -> None:
@@ -346,13 +424,14 @@ def _millions(n: int) -> str:
 def print_table(rows: list[dict], a) -> None:
     mem = "peak GB (alloc)" if a.device == "cuda" else "peak RSS rise MB"
     scale = 1e9 if a.device == "cuda" else 1e6
-    head = ["quant", "path", "batch", "samples/s", "ms/sample", mem, "speedup", "GFLOP/sample", "GB read/sample",
-            "floor ms/sample", "floor samples/s", "% of floor"]
+    head = ["quant", "path", "kv cache", "batch", "samples/s", "ms/sample", "inputs/target/draft ms", mem,
+            "speedup", "GFLOP/sample", "GB read/sample", "floor ms/sample", "floor samples/s", "% of floor"]
     lines = [head]
     for r in rows:
         base = next(x for x in rows if x["quant"] == r["quant"] and x["path"] == "per-sample")
-        lines.append([r["quant"], r["path"], str(r["batch"]), f"{r['rate']:.2f}", f"{1e3 / r['rate']:.1f}",
-                      f"{r['peak'] / scale:.2f}", f"{r['rate'] / base['rate']:.1f}x", f"{r['flops'] / 1e9:.1f}",
+        phases = "/".join(f"{1e3 * v:.0f}" for v in r["phases"].values()) if r["phases"] else "-"
+        lines.append([r["quant"], r["path"], r["kv"], str(r["batch"]), f"{r['rate']:.2f}", f"{1e3 / r['rate']:.1f}",
+                      phases, f"{r['peak'] / scale:.2f}", f"{r['rate'] / base['rate']:.1f}x", f"{r['flops'] / 1e9:.1f}",
                       f"{r['bytes'] / 1e9:.2f}", f"{r['seconds'] * 1e3:.3g}", f"{1 / r['seconds']:.3g}",
                       f"{100 * r['seconds'] * r['rate']:.2g}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -381,7 +460,7 @@ def main(argv=None) -> None:
     quants = ("bf16", "nf4") if a.quant == "both" else (a.quant,)
     with tempfile.TemporaryDirectory() as tmp:
         requests = make_requests(a.samples, Path(tmp))
-        print(f"models {a.models} on {a.device}: {len(requests)} requests, batch {a.batch}, "
+        print(f"models {a.models} on {a.device}: {len(requests)} requests, batches {a.batch}, "
               f"{a.max_new_tokens} new tokens, ignore_eos {a.ignore_eos}")
         rows = []
         for quant in quants:

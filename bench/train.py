@@ -2,12 +2,15 @@
 
     python bench/train.py                                   # CPU, small sizes
     python bench/train.py --device cuda --hidden 4096 --vocab 32000 --draft-vocab 32000 \\
-        --batch 8 --seq 512 --rows 128 --workers 8
+        --batch 8 --seq 512 --rows 128 --workers 0,15
 
 It writes a synthetic full store of the requested size (a temp dir), then measures
 - step:   one training step as Lightning runs it (module.losses, backward, AdamW), bf16 autocast
           on CUDA, batches already on the device;
-- loader: the DataModule's train loader alone (the host side: read, concatenate, pad, pin).
+- loader: the DataModule's train loader alone (the host side: read, concatenate, pad, pin), for each
+          `--workers` setting (0: the training process's prefetch thread; N: N worker processes);
+- fed:    the same step consuming batches from the first setting's live loader (host-to-device copy
+          included): equal to the step when the loader keeps up.
 MFU = matmul FLOPs by formula (forward 2x, backward 4x for what is trained) / step time / peak;
 the peak defaults to H100/H200 dense bf16 (989 TFLOP/s).
 """
@@ -91,8 +94,51 @@ def loader_rate(dm, seconds: float = 3.0) -> float:
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for b in loader:
-            tokens += int((b["length"] if "length" in b else b["target_len"]).sum())
+            tokens += length(b)
     return tokens / (time.perf_counter() - t0)
+
+
+def loader_rates(make_dm, workers: list[int]) -> dict[int, float]:
+    return {w: loader_rate(make_dm(w)) for w in workers}
+
+
+def fed_rate(module, dm, device: str, warmup: int, steps: int) -> float:
+    """Response tokens per second of the training step taking its batches from the live train loader
+    (host-to-device copy included)."""
+    module.to(device).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def endless():
+        while True:
+            yield from dm.train_dataloader()
+
+    batches, tokens, t0 = endless(), 0, 0.0
+    for i, batch in zip(range(warmup + steps), batches):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        if i >= warmup:
+            tokens += length(batch)
+        train_step(module, opt, params, to_device(batch, device), device)
+    sync()
+    seconds = time.perf_counter() - t0
+    batches.close()
+    return tokens / seconds
+
+
+def length(batch: dict) -> int:
+    return int((batch["length"] if "length" in batch else batch["target_len"]).sum())
+
+
+def train_step(module, opt, params, batch: dict, device: str) -> None:
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = module.losses(batch, train=True)["loss"]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -109,15 +155,9 @@ def step_rate(module, batches: list[dict], device: str, warmup: int, steps: int)
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        batch = batches[i % len(batches)]
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = module.losses(batch, train=True)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(module, opt, params, batches[i % len(batches)], device)
     sync()
-    lengths = [int((b["length"] if "length" in b else b["target_len"]).sum()) for b in batches]
+    lengths = [length(b) for b in batches]
     return (time.perf_counter() - t0) / steps, sum(lengths) / len(lengths)
 
 
@@ -129,25 +169,33 @@ def bench_eagle3(store: Path, a) -> dict:
                      draft_vocab_size=min(a.draft_vocab, a.vocab),
                      feature_names=[f"target.h{i}" for i in LAYERS], fc_in_features=3 * H,
                      aux_layer_ids=LAYERS, ttt_steps=a.ttt)
-    dm = FeatureDataModule(str(store), c.feature_names, batch_size=a.batch, num_workers=a.workers,
-                           max_len=a.seq)
+
+    def data(workers):
+        return FeatureDataModule(str(store), c.feature_names, batch_size=a.batch, num_workers=workers, max_len=a.seq)
+
     module = Eagle3Module(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED, store=str(store))
-    batches = [to_device(b, a.device) for _, b in zip(range(4), dm.train_dataloader())]
-    dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
-    return {"model": f"eagle3 H={H} N={c.draft_vocab_size} ttt={c.ttt_steps}",
-            "params": module.model.num_params(), "dt": dt, "tokens": tokens,
-            "flops": eagle3_flops_per_token(c, a.seq) * tokens, "loader": loader_rate(dm)}
+    return measure(module, data, a, f"eagle3 H={H} N={c.draft_vocab_size} ttt={c.ttt_steps}",
+                   eagle3_flops_per_token(c, a.seq))
 
 
 def bench_token_adapter(store: Path, a) -> dict:
     c = TokenAdapterConfig(vocab_size=a.vocab, max_len=a.seq)
-    dm = TokenPairDataModule(str(store), batch_size=a.batch, num_workers=a.workers, max_len=a.seq)
+
+    def data(workers):
+        return TokenPairDataModule(str(store), batch_size=a.batch, num_workers=workers, max_len=a.seq)
+
     module = TokenAdapterModule(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED)
-    batches = [to_device(b, a.device) for _, b in zip(range(4), dm.train_dataloader())]
+    return measure(module, data, a, f"token_adapter d={c.d_model} V={c.vocab_size}",
+                   token_adapter_flops_per_token(c, a.seq))
+
+
+def measure(module, data, a, name: str, flops_per_token: float) -> dict:
+    """The step on staged batches, each loader setting alone, then the step fed by the first setting."""
+    batches = [to_device(b, a.device) for _, b in zip(range(4), data(a.workers[0]).train_dataloader())]
     dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
-    return {"model": f"token_adapter d={c.d_model} V={c.vocab_size}", "params": module.model.num_params(),
-            "dt": dt, "tokens": tokens, "flops": token_adapter_flops_per_token(c, a.seq) * tokens,
-            "loader": loader_rate(dm)}
+    return {"model": name, "params": module.model.num_params(), "dt": dt, "tokens": tokens,
+            "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers),
+            "fed": fed_rate(module, data(a.workers[0]), a.device, a.warmup, a.steps)}
 
 
 def main() -> None:
@@ -162,7 +210,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=lambda t: [int(x) for x in t.split(",")], default=[0, 2],
+                   help="loader settings to measure, e.g. 0,15 (0: prefetch thread; N: worker processes); the "
+                        "first also feeds the step")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s (H100/H200 dense bf16)")
@@ -177,16 +227,23 @@ def main() -> None:
     if a.adapter in ("token_adapter", "both"):
         results.append(bench_token_adapter(store, a))
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    print(f"\ndevice {name}, batch {a.batch} x seq {a.seq}, peak {a.peak / 1e12:.0f} TFLOP/s, "
-          f"{a.workers} loader workers")
-    print(f"{'model':<40} {'params':>9} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'loader tok/s':>13} {'loader/step':>11}")
+    print(f"\ndevice {name}, batch {a.batch} x seq {a.seq}, peak {a.peak / 1e12:.0f} TFLOP/s")
+    loaders = [f"loader w={w}" for w in a.workers]
+    head = ["model", "params", "step ms", "tokens/s", "TFLOP/s", "MFU", *[f"{x} tok/s" for x in loaders],
+            *[f"{x}/step" for x in loaders], f"fed by w={a.workers[0]} tok/s", "fed/step"]
+    lines = [head]
     for r in results:
         rate = r["tokens"] / r["dt"]
         flops = r["flops"] / r["dt"]
-        print(f"{r['model']:<40} {r['params'] / 1e6:>8.1f}M {r['dt'] * 1e3:>9.1f} {rate:>10.0f} "
-              f"{flops / 1e12:>8.2f} {flops / a.peak:>6.1%} {r['loader']:>13.0f} "
-              f"{r['loader'] / rate:>10.1f}x")
+        lines.append([r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['dt'] * 1e3:.1f}", f"{rate:.0f}",
+                      f"{flops / 1e12:.2f}", f"{flops / a.peak:.1%}",
+                      *[f"{v:.0f}" for v in r["loaders"].values()], *[f"{v / rate:.1f}x" for v in r["loaders"].values()],
+                      f"{r['fed']:.0f}", f"{r['fed'] / rate:.2f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for k, line in enumerate(lines):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,27 @@ def test_teacher_forcing_on_the_cached_prompt_equals_teacher_forced(backend, pai
     assert_same_rows(eos_cut, feats, [len(r) for r in forced])
 
 
+def test_kv_caches_decode_and_capture_the_same(backend, pair, requests):
+    """The growing (dynamic) cache and the preallocated (static, default) one give the same responses and
+    rows; the host-memory cache needs CUDA and says so; an unknown cache is refused."""
+    assert backend.kv_cache == "static"
+    dynamic = type(backend)(backend.model, backend.tokenizer, kv_cache="dynamic")
+    batch = backend.prepare(requests)
+    layers = backend.capture_layers()
+    forced = pair[0].generate(pair[0].prepare(requests), MAX_NEW)
+    static_out = backend.generate_and_teacher_force(batch, MAX_NEW, forced, layers)
+    dynamic_out = dynamic.generate_and_teacher_force(batch, MAX_NEW, forced, layers)
+    assert static_out[0] == dynamic_out[0]
+    assert_same_rows(static_out[1], dynamic_out[1], [len(r) for r in forced])
+    responses, feats = dynamic.generate(batch, MAX_NEW, capture_layers=layers)
+    assert (responses, list(feats)) == backend.generate(batch, MAX_NEW, capture_layers=layers)[0:1] + (list(feats),)
+    offloaded = type(backend)(backend.model, backend.tokenizer, kv_cache="offloaded")
+    with pytest.raises(ValueError, match="CUDA"):
+        offloaded.generate(batch, MAX_NEW)
+    with pytest.raises(ValueError, match="kv_cache"):
+        type(backend)(backend.model, backend.tokenizer, kv_cache="paged")
+
+
 def test_captured_layers_are_hidden_states_at_feature_positions(pair, requests):
     """h{i} is transformers' hidden_states[i] (input of decoder layer i), unaffected by left padding."""
     target = pair[0]
@@ -280,6 +301,37 @@ def test_nf4_keeps_towers_and_projectors_dense(saved):
     assert isinstance(quantized.model.model.video_tower.encoder.layers[0].mlp.fc1, bnb.nn.Linear4bit)
     draft = load_draft(draft_dir, quant="nf4", compute_dtype=torch.float32)
     assert not isinstance(draft.model.model.visual_projector[0], bnb.nn.Linear4bit)
+
+
+def test_nf4_heads_are_stored_as_the_weight_they_multiply_by(saved, requests):
+    """quantize_head=True: the LM head is 4-bit and `lm_head_weight` dequantises it: the captured final rows
+    through that weight give the 4-bit head's logits (up to the kernel's rounding, well below the spread of
+    a dense head's logits from a 4-bit one) and choose the decoded tokens wherever the top two logits are
+    further apart than that rounding."""
+    pytest.importorskip("accelerate", reason="transformers' bitsandbytes 4-bit loading requires `accelerate`")
+    bnb = pytest.importorskip("bitsandbytes")
+    target_dir, draft_dir = saved
+    # the target only: bitsandbytes' CPU kernels need a 4-bit layer's outputs in multiples of 32 (the tiny
+    # draft's vocabulary is 109); the draft's head goes through the same HFBackend code
+    assert isinstance(load_draft(draft_dir, quant="nf4", quantize_head=True).model.lm_head, bnb.nn.Linear4bit)
+    for backend in (load_target(target_dir, quant="nf4", quantize_head=True, compute_dtype=torch.float32),):
+        assert isinstance(backend.model.lm_head, bnb.nn.Linear4bit)
+        head = backend.lm_head_weight()
+        assert head.shape == (backend.text_config.vocab_size, backend.text_config.hidden_size)
+        assert head.dtype == torch.float32
+        batch = backend.prepare(requests)
+        responses, feats = backend.generate(batch, MAX_NEW, capture_layers=backend.capture_layers())
+        final = torch.cat(feats["final"])                                            # [N, H]
+        with torch.no_grad():                                                        # as when decoding
+            ours, theirs = final @ head.T, backend.model.lm_head(final[:, None])[:, 0]  # [N, V]
+        rounding = (ours - theirs).abs().max()
+        assert rounding < 0.1 * ours.std()
+        top = theirs.topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > 2 * rounding
+        tokens = torch.tensor([t for r in responses for t in r])
+        assert clear.float().mean() > 0.5
+        assert torch.equal(ours.argmax(-1)[clear], tokens[clear])
+        torch.testing.assert_close(backend.lm_head_weight(), head)   # the same after the kernels repacked it
 
 
 def test_build_backends(saved):

@@ -5,6 +5,11 @@
   (the teacher's logits are recomputed from it); needs a full store.
 
 `train_split` feeds training and `val_split` validation; the test split is refused for both.
+With `num_workers=0` (the default) training batches are assembled `prefetch` batches ahead by a
+background thread of the training process (`Prefetcher`), straight into pinned memory when a GPU is
+present: row slices of the memory-mapped shards are copied once, into buffers the allocator reuses.
+Worker processes (`num_workers>0`) hand each batch over through fresh shared memory instead, which
+costs more than the copy itself for feature rows.
 Training batches come from ResumableBatchSampler: their order is a function of (seed, epoch)
 only and a resumed run starts at the batch it stopped at, so a killed-then-resumed run sees the
 same data as an uninterrupted one.
@@ -13,7 +18,9 @@ same data as an uninterrupted one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 
 import lightning as L
 import torch
@@ -64,12 +71,59 @@ class ResumableBatchSampler(Sampler[list[int]]):
             yield batch.tolist()
 
 
+class Prefetcher:
+    """Iterates `loader` in a background thread, up to `depth` batches ahead of the consumer. The copies
+    that build a batch release the GIL, so they overlap the training step. Errors are raised in the
+    consumer; leaving the loop early stops the thread."""
+
+    def __init__(self, loader: Iterable, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        done = object()
+        slots: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for batch in self.loader:
+                    if not put(batch):
+                        return
+                put(done)
+            except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+                put(e)
+
+        thread = threading.Thread(target=produce, name="specalign-prefetch", daemon=True)
+        thread.start()
+        try:
+            while (item := slots.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
 class _StoreDataModule(L.LightningDataModule):
     def __init__(self, store: str, batch_size: int = 16, num_workers: int = 0, train_split: str = "train",
-                 val_split: str = "val", seed: int = 0):
+                 val_split: str = "val", seed: int = 0, prefetch: int = 2):
         super().__init__()
         check_splits(train_split, val_split)
         self.root, self.batch_size, self.num_workers, self.seed = store, batch_size, num_workers, seed
+        self.prefetch = prefetch
         self.train_split, self.val_split = train_split, val_split
         self.store = FeatureStore(store)
         self.train_rows, self.val_rows = self.store.select(train_split), self.store.select(val_split)
@@ -84,15 +138,19 @@ class _StoreDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def _loader(self, rows, **kw) -> DataLoader:
+        pin = torch.cuda.is_available() and not (self.num_workers == 0 and self.collate_pins)
         return DataLoader(self.dataset(rows), collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+                          persistent_workers=self.num_workers > 0, pin_memory=pin, **kw)
 
-    def train_dataloader(self) -> DataLoader:
+    collate_pins = False  # True: `collate` allocates its batch in pinned memory itself (in the main process)
+
+    def train_dataloader(self) -> DataLoader | Prefetcher:
         t = self.trainer
         start = t.global_step * t.accumulate_grad_batches if t is not None else 0
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
         sampler = ResumableBatchSampler(len(self.train_rows), self.batch_size, self.seed, start, rank, world)
-        return self._loader(self.train_rows, batch_sampler=sampler)
+        loader = self._loader(self.train_rows, batch_sampler=sampler)
+        return Prefetcher(loader, self.prefetch) if self.num_workers == 0 and self.prefetch > 0 else loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows, batch_size=self.batch_size, shuffle=False)
@@ -162,10 +220,12 @@ class FeatureRows(Dataset):
 
 
 def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised batch tensor; in a loader worker it is allocated in shared memory (as
-    torch's default_collate does), so handing it to the main process copies nothing."""
+    """An uninitialised batch tensor. In a loader worker it is allocated in shared memory (as torch's
+    default_collate does), so handing it to the main process copies nothing; in the main process it is
+    pinned when a GPU is present (the host-to-device copy can then run asynchronously, and the pinned
+    allocator reuses its blocks, so no page is touched for the first time in steady state)."""
     if get_worker_info() is None:
-        return like.new_empty(shape)
+        return torch.empty(shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
     storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
     return like.new(storage).view(shape)
 
@@ -200,6 +260,8 @@ class FeatureDataModule(_StoreDataModule):
 
     def dataset(self, rows):
         return FeatureRows(self.root, rows, self.feature_names, self.max_len)
+
+    collate_pins = True
 
     def collate(self, items):
         return collate_features(items)

@@ -102,7 +102,8 @@ def build(cfg: DictConfig, store: FeatureStore):
     common = {"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
               "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True), "source": source_info(store),
               "val_gamma": cfg.val.gamma, "val_max_rows": cfg.val.max_rows, "seed": cfg.seed}
-    data_kw = {"batch_size": a["batch_size"], "num_workers": cfg.num_workers, "train_split": cfg.train_split,
+    data_kw = {"batch_size": a["batch_size"], "num_workers": cfg.num_workers,
+               "prefetch": cfg.get("prefetch_batches", 2), "train_split": cfg.train_split,
                "val_split": cfg.val_split, "seed": cfg.seed, "max_len": a["max_len"]}
     if a["kind"] == "token_adapter":
         model = TokenAdapterConfig.from_dict({**a, "vocab_size": store.manifest["target"]["vocab_size"]})

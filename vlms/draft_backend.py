@@ -10,7 +10,7 @@ from data.samples import Request
 from specalign.errors import DataError
 from vlms.base import Batch
 from vlms.eventgpt import EventChatForCausalLM, num_event_tokens
-from vlms.hf_backend import HFBackend, check_model_dir, clip_preprocess, load_pretrained
+from vlms.hf_backend import HFBackend, check_model_dir, clip_preprocess, dense_modules, load_pretrained
 
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -61,15 +61,17 @@ class DraftBackend(HFBackend):
 
 
 def load_draft(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
-               device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16) -> DraftBackend:
+               device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16,
+               quantize_head: bool = False, kv_cache: str = "static") -> DraftBackend:
     """EventGPT and its tokenizer from a local checkpoint directory.
 
     quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the CLIP tower (unless
-    `quantize_towers`), projector, feature adaptor and LM head stay in `compute_dtype`.
+    `quantize_towers`), projector, feature adaptor and LM head (unless `quantize_head`) stay in
+    `compute_dtype`. kv_cache: see `HFBackend`.
     """
     from transformers import AutoTokenizer
 
     path = check_model_dir(path, "EventGPT")
-    keep_dense = [*DENSE_MODULES] + ([] if quantize_towers else [TOWER])
+    keep_dense = dense_modules(DENSE_MODULES, [TOWER], quantize_towers, quantize_head)
     model = load_pretrained(EventChatForCausalLM, path, quant, keep_dense, device, compute_dtype)
-    return DraftBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant)
+    return DraftBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)

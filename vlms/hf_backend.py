@@ -25,6 +25,7 @@ from vlms.alignment import gather_rows, teacher_forced_inputs
 from vlms.base import Batch, eagle3_layers
 
 QUANTS = ("bf16", "fp32", "nf4")
+KV_CACHES = ("static", "dynamic", "offloaded")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -57,6 +58,14 @@ def load_pretrained(cls, path: Path, quant: str, keep_dense: Sequence[str], devi
                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep_dense))
     return cls.from_pretrained(path, dtype=compute_dtype, quantization_config=bnb,
                                device_map={"": str(device)}).eval()
+
+
+def dense_modules(dense: Sequence[str], towers: Sequence[str], quantize_towers: bool,
+                  quantize_head: bool) -> list[str]:
+    """The module paths an nf4 load keeps unquantised: `dense` (LM head, projectors) without the LM head
+    when `quantize_head`, plus the vision `towers` unless `quantize_towers`."""
+    keep = [m for m in dense if not (quantize_head and m == "lm_head")]
+    return keep + ([] if quantize_towers else list(towers))
 
 
 def config_hash(config) -> str:
@@ -179,8 +188,16 @@ class HFBackend:
     role: str
     name: str
 
-    def __init__(self, model: nn.Module, tokenizer, path: str | Path | None = None, quant: str = "fp32"):
+    def __init__(self, model: nn.Module, tokenizer, path: str | Path | None = None, quant: str = "fp32",
+                 kv_cache: str = "static"):
+        """kv_cache: the KV cache of decoding. "static": allocated once for prompt + new tokens, written in
+        place (a growing cache copies itself at every step); "dynamic": grows by concatenation;
+        "offloaded": static, each layer's keys and values kept on the CPU and fetched back one layer
+        ahead (CUDA only; least GPU memory, slower)."""
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.model = model.eval()
+        self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.path = str(path) if path is not None else None
         self.quant = quant
@@ -211,7 +228,14 @@ class HFBackend:
         return eagle3_layers(self.text_config.num_hidden_layers)
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight.detach()
+        """[V, H]: the weight the LM head multiplies by. A 4-bit head (bitsandbytes, whose kernels may
+        repack it) is read off the head itself: its outputs for the H unit vectors, in the compute dtype."""
+        head = self.model.get_output_embeddings()
+        if getattr(head.weight, "quant_state", None) is None:
+            return head.weight.detach()
+        eye = torch.eye(self.text_config.hidden_size, device=self.device, dtype=self.media_dtype)
+        with torch.no_grad():
+            return head(eye[:, None])[:, 0].T.contiguous()                         # [H, V] -> [V, H]
 
     def embed_weight(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight.detach()
@@ -267,7 +291,7 @@ class HFBackend:
         they give rows 1..n_b-1 (`vlms.alignment`: row i is at position P_b - 1 + i)."""
         self._check_layers(layers)
         with capture_last_position(self.decoder, layers) as first:
-            out, mask, positions = self._prefill(batch)
+            out, mask, positions = self._prefill(batch, max(max_new_tokens, max(map(len, responses), default=0)))
         own, cache = self._decode(out, mask, positions, max_new_tokens, ignore_eos)
         n_rows = [len(r) for r in responses]
         feats = rows_of_steps(first, [min(n, 1) for n in n_rows])                  # row 0 (none if n_b = 0)
@@ -275,7 +299,7 @@ class HFBackend:
         width = max((len(t) for t in tails), default=0)
         if width == 0:
             return own, feats
-        cache.crop(mask.shape[1] - cache.get_seq_length())                        # back to the prompt
+        cache.crop(mask.shape[1] - int(cache.get_seq_length()))                   # back to the prompt
         ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
         tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
         for b, t in enumerate(tails):
@@ -302,12 +326,27 @@ class HFBackend:
         if bad:
             raise ValueError(f"layers {bad} out of range for {self.text_config.num_hidden_layers} decoder layers")
 
-    def _prefill(self, batch: Batch):
-        """The prompt forward with the KV cache: (output, attention mask, position ids)."""
+    def _new_cache(self, max_len: int):
+        """An empty KV cache (`self.kv_cache`) for sequences of up to `max_len` (padded) positions."""
+        from transformers import DynamicCache, StaticCache
+
+        if self.kv_cache == "dynamic":
+            return DynamicCache(config=self.model.config)
+        offload = self.kv_cache == "offloaded"
+        if offload and self.device.type != "cuda":
+            raise ValueError(f'kv_cache="offloaded" keeps the cache in host memory beside a CUDA device; this '
+                             f'model is on {self.device.type}: use "static" or "dynamic"')
+        return StaticCache(config=self.model.config, max_cache_len=max_len, offloading=offload)
+
+    def _prefill(self, batch: Batch, max_new_tokens: int):
+        """The prompt forward with a KV cache for `max_new_tokens` more positions: (output, attention mask,
+        position ids)."""
         inputs = dict(batch.inputs)
         mask = inputs.pop("attention_mask")
         positions = positions_from_mask(mask)
-        out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = self._new_cache(mask.shape[1] + max(max_new_tokens, 1))
+        out = self.model(**inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
         return out, mask, positions
 
     def _decode(self, out, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, ignore_eos: bool):
@@ -332,7 +371,7 @@ class HFBackend:
     def _greedy(self, batch: Batch, max_new_tokens: int, ignore_eos: bool):
         if max_new_tokens <= 0:
             return [[] for _ in batch.requests], None
-        out, mask, positions = self._prefill(batch)
+        out, mask, positions = self._prefill(batch, max_new_tokens)
         return self._decode(out, mask, positions, max_new_tokens, ignore_eos)
 
     @torch.no_grad()

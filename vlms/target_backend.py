@@ -58,9 +58,11 @@ class TargetBackend(HFBackend):
 
 def load_target(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
                 load_image_tower: bool = False, device: str | torch.device = "cpu",
-                compute_dtype: torch.dtype = torch.bfloat16) -> TargetBackend:
-    """Video-LLaVA and its tokenizer from a local checkpoint directory (see `load_video_llava`)."""
+                compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False,
+                kv_cache: str = "static") -> TargetBackend:
+    """Video-LLaVA and its tokenizer from a local checkpoint directory (see `load_video_llava`;
+    kv_cache: see `HFBackend`)."""
     from transformers import AutoTokenizer
 
-    model = load_video_llava(path, quant, quantize_towers, load_image_tower, device, compute_dtype)
-    return TargetBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant)
+    model = load_video_llava(path, quant, quantize_towers, load_image_tower, device, compute_dtype, quantize_head)
+    return TargetBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)

@@ -21,7 +21,7 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 
-from vlms.hf_backend import check_model_dir, load_pretrained
+from vlms.hf_backend import check_model_dir, dense_modules, load_pretrained
 
 TOWERS = ("model.video_tower", "model.image_tower")
 DENSE_MODULES = ("lm_head", "model.multi_modal_projector")  # never 4-bit
@@ -51,14 +51,15 @@ def video_tokens_per_frame(config: VideoLlavaConfig) -> int:
 
 def load_video_llava(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
                      load_image_tower: bool = False, device: str | torch.device = "cpu",
-                     compute_dtype: torch.dtype = torch.bfloat16) -> VideoLlavaForConditionalGeneration:
+                     compute_dtype: torch.dtype = torch.bfloat16,
+                     quantize_head: bool = False) -> VideoLlavaForConditionalGeneration:
     """Video-LLaVA from a local checkpoint directory.
 
     quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the vision towers (unless
-    `quantize_towers`), the projector and the LM head stay in `compute_dtype`.
+    `quantize_towers`), the projector and the LM head (unless `quantize_head`) stay in `compute_dtype`.
     load_image_tower: keep the (unused for video) image tower; off by default to save its memory.
     """
     path = check_model_dir(path, "Video-LLaVA")
-    keep_dense = [*DENSE_MODULES] + ([] if quantize_towers else [*TOWERS])
+    keep_dense = dense_modules(DENSE_MODULES, TOWERS, quantize_towers, quantize_head)
     cls = VideoLlavaForConditionalGeneration if load_image_tower else VideoLlavaForVideo
     return load_pretrained(cls, path, quant, keep_dense, device, compute_dtype)
