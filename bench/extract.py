@@ -2,8 +2,7 @@
 
     python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
     python bench/extract.py --models real --device cuda --quant bf16 --batch 16,32,48 --samples 96
-    python bench/extract.py --models real --device cuda --quant nf4 --batch 16 --kv-cache static,offloaded \
-        --quantize-towers --quantize-heads                                              # + memory at batch 1
+    python bench/extract.py --models real --device cuda --quant nf4 --batch 16 --quantize-towers --quantize-heads
 
 - batched:    `ExtractionModule.run` on batches of `--batch` requests: the target's batched greedy generation
               capturing its feature rows as it decodes (its prompt is computed once), then the draft's prompt
@@ -15,7 +14,8 @@
 Each `--batch` size and each `--kv-cache` ("static": preallocated, written in place; "dynamic": grown by
 concatenation; "offloaded": static in host memory, CUDA only) is a row of one table beside the per-sample
 loop, with the batched path's time split into preparing inputs (decode, preprocess), the target and the
-draft. For nf4 on CUDA the memory goal is measured on the batched path at batch 1 for each KV cache.
+draft. For nf4 on CUDA the memory goal is measured on the batched path at batch 1 for each
+`--memory-kv-cache`.
 
 `--models real` builds both models at their 7B configuration (vlms/real_configs.py) with random weights,
 initialised directly on the device in bf16; nf4 then replaces the LLaMA decoders' linear layers by
@@ -82,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize-towers", action="store_true", help="nf4: the CLIP towers in 4-bit too")
     p.add_argument("--quantize-heads", action="store_true", help="nf4: the LM heads in 4-bit too")
     p.add_argument("--kv-cache", type=lambda s: s.split(","), default=["static"],
-                   help="KV caches to compare, of static,dynamic,offloaded")
+                   help="KV caches of the batched rows, of static,dynamic,offloaded")
+    p.add_argument("--memory-kv-cache", type=lambda s: s.split(","), default=["static", "offloaded"],
+                   help="nf4 on CUDA: KV caches of the memory measurement at batch 1")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s (H200: 989e12)")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (H200: 4.8e12)")
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads (the tiny pair's matrices "
@@ -399,7 +401,7 @@ def memory_at_batch_1(a, module: ExtractionModule, requests, loaded: int) -> Non
     heads = "4-bit" if a.quantize_heads else "bf16"
     print(f"nf4, both models, towers {towers}, LM heads {heads}: loaded {loaded / 1e9:.2f} GB "
           f"(goal <= {GOALS_GB[a.quantize_towers]} GB at batch 1)")
-    for kv_cache in a.kv_cache:
+    for kv_cache in a.memory_kv_cache:
         set_kv_cache(module, kv_cache)
         gc.collect()
         torch.cuda.empty_cache()
