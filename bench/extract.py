@@ -379,6 +379,7 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
     rows = [{"quant": quant, "path": "per-sample", "kv": "dynamic", "batch": 1, "rate": len(baseline) / seconds,
              "peak": mem.peak, "reserved": mem.reserved, "phases": None,
              **floor(costs["per-sample"], a.max_new_tokens, 1, a)}]
+    print(f"  measured {quant} per-sample: {rows[0]['rate']:.2f} samples/s", flush=True)
     for kv_cache in a.kv_cache:
         set_kv_cache(module, kv_cache)
         for batch in a.batch:
@@ -389,6 +390,8 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
                          "rate": len(requests) / seconds, "peak": mem.peak, "reserved": mem.reserved,
                          "phases": {k: v / len(requests) for k, v in clock.seconds.items()},
                          **floor(costs["batched"], a.max_new_tokens, batch, a)})
+            print(f"  measured {quant} batched kv_cache {kv_cache} batch {batch}: {rows[-1]['rate']:.2f} samples/s, "
+                  f"peak {mem.peak / 1e9:.2f} GB", flush=True)
     if quant == "nf4" and a.device == "cuda":
         memory_at_batch_1(a, module, requests, loaded)
     del module, target, draft
