@@ -246,8 +246,14 @@ def collate_features(items: list[dict]) -> dict:
         final[b, :n] = it["final"]
         feats[b, n:] = 0
         final[b, n:] = 0
-    return {"tokens": pad([it["tokens"] for it in items], PAD_ID),
-            "length": torch.tensor([len(it["tokens"]) for it in items]), "feats": feats, "final": final}
+    return {"tokens": pinned(pad([it["tokens"] for it in items], PAD_ID)),
+            "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final}
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in pinned memory in the main process when a GPU is present (as `batch_buffer`): a batch whose
+    every tensor is pinned moves to the GPU without waiting for the steps already queued there."""
+    return t.pin_memory() if get_worker_info() is None and torch.cuda.is_available() else t
 
 
 class FeatureDataModule(_StoreDataModule):
