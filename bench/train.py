@@ -195,7 +195,7 @@ def measure(module, data, a, name: str, flops_per_token: float) -> dict:
     dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
     return {"model": name, "params": module.model.num_params(), "dt": dt, "tokens": tokens,
             "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers),
-            "fed": fed_rate(module, data(a.workers[0]), a.device, a.warmup, a.steps)}
+            "fed": fed_rate(module, data(a.workers[0]), a.device, a.fed_warmup, a.fed_steps)}
 
 
 def main() -> None:
@@ -215,6 +215,9 @@ def main() -> None:
                         "first also feeds the step")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fed-warmup", type=int, default=10, help="fed steps before timing (the pinned host "
+                   "allocator fills its cache of batch buffers)")
+    p.add_argument("--fed-steps", type=int, default=20)
     p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s (H100/H200 dense bf16)")
     p.add_argument("--adapter", choices=["eagle3", "token_adapter", "both"], default="both")
     p.add_argument("--store", default=None, help="reuse/keep the synthetic store here")
