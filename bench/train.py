@@ -9,8 +9,9 @@ It writes a synthetic full store of the requested size (a temp dir), then measur
           on CUDA, batches already on the device;
 - loader: the DataModule's train loader alone (the host side: read, concatenate, pad, pin), for each
           `--workers` setting (0: the training process's prefetch thread; N: N worker processes);
-- fed:    the same step consuming batches from the first setting's live loader (host-to-device copy
-          included): equal to the step when the loader keeps up.
+- fed:    the same step copying its batches to the device itself (as Lightning does), relative to the
+          step above: "copied" from a few pinned host batches held in memory (the cost of the copy
+          alone), "w=N" from each live loader (equal to "copied" when the loader keeps up).
 MFU = matmul FLOPs by formula (forward 2x, backward 4x for what is trained) / step time / peak;
 the peak defaults to H100/H200 dense bf16 (989 TFLOP/s).
 """
@@ -21,6 +22,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -102,19 +104,14 @@ def loader_rates(make_dm, workers: list[int]) -> dict[int, float]:
     return {w: loader_rate(make_dm(w)) for w in workers}
 
 
-def fed_rate(module, dm, device: str, warmup: int, steps: int) -> float:
-    """Response tokens per second of the training step taking its batches from the live train loader
-    (host-to-device copy included)."""
+def fed_rate(module, batches: Iterator[dict], device: str, warmup: int, steps: int) -> float:
+    """Response tokens per second of the training step taking host batches from `batches` and copying
+    them to the device itself, as Lightning does."""
     module.to(device).train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def endless():
-        while True:
-            yield from dm.train_dataloader()
-
-    batches, tokens, t0 = endless(), 0, 0.0
+    tokens, t0 = 0, 0.0
     for i, batch in zip(range(warmup + steps), batches):
         if i == warmup:
             sync()
@@ -123,9 +120,20 @@ def fed_rate(module, dm, device: str, warmup: int, steps: int) -> float:
             tokens += length(batch)
         train_step(module, opt, params, to_device(batch, device), device)
     sync()
-    seconds = time.perf_counter() - t0
-    batches.close()
-    return tokens / seconds
+    return tokens / (time.perf_counter() - t0)
+
+
+def endless(dm) -> Iterator[dict]:
+    """The train loader, epoch after epoch."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def repeated(host_batches: list[dict]) -> Iterator[dict]:
+    """The same few host batches (pinned when a GPU is present) again and again: no loader at all."""
+    pinned = [{k: v.pin_memory() if torch.cuda.is_available() else v for k, v in b.items()} for b in host_batches]
+    while True:
+        yield from pinned
 
 
 def length(batch: dict) -> int:
@@ -190,12 +198,17 @@ def bench_token_adapter(store: Path, a) -> dict:
 
 
 def measure(module, data, a, name: str, flops_per_token: float) -> dict:
-    """The step on staged batches, each loader setting alone, then the step fed by the first setting."""
-    batches = [to_device(b, a.device) for _, b in zip(range(4), data(a.workers[0]).train_dataloader())]
-    dt, tokens = step_rate(module, batches, a.device, a.warmup, a.steps)
+    """The step on batches already on the device; each loader setting alone; then the step copying its
+    batches to the device: from pinned host batches held in memory (no loader), and from each loader."""
+    host = [b for _, b in zip(range(4), data(a.workers[0]).train_dataloader())]
+    dt, tokens = step_rate(module, [to_device(b, a.device) for b in host], a.device, a.warmup, a.steps)
+    fed = {"copied": fed_rate(module, repeated(host), a.device, a.fed_warmup, a.fed_steps)}
+    for w in a.workers:
+        batches = endless(data(w))
+        fed[f"w={w}"] = fed_rate(module, batches, a.device, a.fed_warmup, a.fed_steps)
+        batches.close()
     return {"model": name, "params": module.model.num_params(), "dt": dt, "tokens": tokens,
-            "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers),
-            "fed": fed_rate(module, data(a.workers[0]), a.device, a.fed_warmup, a.fed_steps)}
+            "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers), "fed": fed}
 
 
 def main() -> None:
@@ -211,8 +224,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--workers", type=lambda t: [int(x) for x in t.split(",")], default=[0, 2],
-                   help="loader settings to measure, e.g. 0,15 (0: prefetch thread; N: worker processes); the "
-                        "first also feeds the step")
+                   help="loader settings to measure, e.g. 0,15 (0: prefetch thread; N: worker processes)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--fed-warmup", type=int, default=10, help="fed steps before timing (the pinned host "
@@ -233,7 +245,7 @@ def main() -> None:
     print(f"\ndevice {name}, batch {a.batch} x seq {a.seq}, peak {a.peak / 1e12:.0f} TFLOP/s")
     loaders = [f"loader w={w}" for w in a.workers]
     head = ["model", "params", "step ms", "tokens/s", "TFLOP/s", "MFU", *[f"{x} tok/s" for x in loaders],
-            *[f"{x}/step" for x in loaders], f"fed by w={a.workers[0]} tok/s", "fed/step"]
+            *[f"{x}/step" for x in loaders], *[f"step fed {k}" for k in results[0]["fed"]]]
     lines = [head]
     for r in results:
         rate = r["tokens"] / r["dt"]
@@ -241,7 +253,7 @@ def main() -> None:
         lines.append([r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['dt'] * 1e3:.1f}", f"{rate:.0f}",
                       f"{flops / 1e12:.2f}", f"{flops / a.peak:.1%}",
                       *[f"{v:.0f}" for v in r["loaders"].values()], *[f"{v / rate:.1f}x" for v in r["loaders"].values()],
-                      f"{r['fed']:.0f}", f"{r['fed'] / rate:.2f}"])
+                      *[f"{v / rate:.2f}" for v in r["fed"].values()]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for k, line in enumerate(lines):
         print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
