@@ -124,9 +124,11 @@ def fed_rate(module, batches: Iterator[dict], device: str, warmup: int, steps: i
 
 
 def endless(dm) -> Iterator[dict]:
-    """The train loader, epoch after epoch."""
+    """One train loader, epoch after epoch (as Lightning iterates it: its store stays open and its
+    worker processes, if any, live on)."""
+    loader = dm.train_dataloader()
     while True:
-        yield from dm.train_dataloader()
+        yield from loader
 
 
 def repeated(host_batches: list[dict]) -> Iterator[dict]:
