@@ -258,6 +258,37 @@ class Row:
     extra: dict
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+                      "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of one memory map of the file: nothing is read until
+    touched, and a row slice copied into a batch is read once, by that copy (which runs without
+    Python's global lock). The map is private copy-on-write, so the file is never written."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        raw = np.memmap(path, dtype=np.uint8, mode="c")
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"not a readable safetensors file ({type(e).__name__}: {e})",
+                        "the shard is damaged: delete it and rerun `specalign extract` to write it again") from e
+    tensors = {}
+    for name, info in header.items():
+        start, end = (8 + n + o for o in info["data_offsets"])
+        if end > raw.size or info["dtype"] not in SAFETENSORS_DTYPES:
+            raise DataError(path, f"tensor {name!r} ({info['dtype']}, bytes {start}-{end}) lies beyond the "
+                            f"file's {raw.size} bytes or has an unknown dtype",
+                            "the shard is truncated: delete it and rerun `specalign extract`")
+        flat = torch.from_numpy(raw[start:end]).view(SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
 class FeatureStore:
     """Read side of a store. Hidden states are memory-mapped (safetensors), never loaded whole."""
 
@@ -323,12 +354,12 @@ class FeatureStore:
         return [f"{model}.h{i}" for i in self.layers(model)] + [f"{model}.final"]
 
     # -- tensors
-    def _handle(self, shard: str):
+    def _handle(self, shard: str) -> dict[str, torch.Tensor]:
         if shard not in self._handles:
             p = self.root / "shards" / f"{shard}.safetensors"
             if not p.exists():
                 raise DataError(p, "shard referenced by rows.parquet is missing")
-            self._handles[shard] = safe_open(str(p), framework="pt")
+            self._handles[shard] = map_safetensors(p)
         return self._handles[shard]
 
     def hidden(self, row: Row, name: str) -> torch.Tensor:
@@ -336,8 +367,11 @@ class FeatureStore:
         if row.shard is None:
             raise DataError(self.root, f"row {row.key} has no hidden states (tokens-only store)",
                             "this consumer needs a store written by `specalign extract`")
-        sl = self._handle(row.shard).get_slice(name)
-        return sl[row.offset: row.offset + len(row.target_tokens)]
+        tensors = self._handle(row.shard)
+        if name not in tensors:
+            raise DataError(self.root / "shards" / f"{row.shard}.safetensors", f"no tensor {name!r} in this shard",
+                            f"it holds {sorted(tensors)}")
+        return tensors[name][row.offset: row.offset + len(row.target_tokens)]
 
     def heads(self) -> dict[str, torch.Tensor]:
         """Both LM heads (+ the target's embeddings), read once per store object."""
