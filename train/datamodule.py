@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
@@ -241,13 +242,21 @@ def collate_features(items: list[dict]) -> dict:
     for b, it in enumerate(items):
         n, col = len(it["tokens"]), 0
         for part, w in zip(it["parts"], widths):
-            feats[b, :n, col: col + w] = part
+            copy_rows(feats[b, :n, col: col + w], part)
             col += w
-        final[b, :n] = it["final"]
+        copy_rows(final[b, :n], it["final"])
         feats[b, n:] = 0
         final[b, n:] = 0
     return {"tokens": pinned(pad([it["tokens"] for it in items], PAD_ID)),
             "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final}
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src on one core, without Python's global lock (numpy, on integer views of the same
+    bytes). torch's own copy would start an OpenMP team on every core from the loader thread, beside
+    the training step's thread that launches the GPU work."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dst.element_size()]
+    np.copyto(dst.view(as_int).numpy(), src.view(as_int).numpy())
 
 
 def pinned(t: torch.Tensor) -> torch.Tensor:
