@@ -79,6 +79,27 @@ def test_incomplete_or_missing_store_gives_clear_error(tmp_path):
         FeatureStore(tmp_path)
 
 
+def test_damaged_shard_names_the_file_and_the_fix(tmp_path):
+    """Rows are views of a memory map of their shard: a truncated shard, a shard that is not safetensors
+    and a feature the shard does not hold each give a DataError naming the shard file."""
+    rows = _rows(3)
+    w = StoreWriter(tmp_path, MANIFEST)
+    w.write_shard(rows, _tensors(rows, 0))
+    w.finalize()
+    row = FeatureStore(tmp_path).rows[0]
+    shard = tmp_path / "shards" / f"{row.shard}.safetensors"
+    assert FeatureStore(tmp_path).hidden(row, "draft.h3").dtype == torch.bfloat16
+    with pytest.raises(DataError, match=rf"{row.shard}\.safetensors.*no tensor 'draft\.h9'"):
+        FeatureStore(tmp_path).hidden(row, "draft.h9")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 64])
+    with pytest.raises(DataError, match=rf"{row.shard}\.safetensors.*truncated"):
+        FeatureStore(tmp_path).hidden(row, "target.final")
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(DataError, match=rf"{row.shard}\.safetensors.*not a readable safetensors"):
+        FeatureStore(tmp_path).hidden(row, "target.final")
+
+
 def test_killed_writer_resumes_to_the_same_store(tmp_path):
     """kill -9 in the middle of writing shards; a rerun finishes with identical logical content."""
     script = textwrap.dedent(f"""
