@@ -139,11 +139,9 @@ class _StoreDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def _loader(self, rows, **kw) -> DataLoader:
-        pin = torch.cuda.is_available() and not (self.num_workers == 0 and self.collate_pins)
+        # pinning a tensor collate already built in pinned memory returns it as it is: no second copy
         return DataLoader(self.dataset(rows), collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=pin, **kw)
-
-    collate_pins = False  # True: `collate` allocates its batch in pinned memory itself (in the main process)
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kw)
 
     def train_dataloader(self) -> DataLoader | Prefetcher:
         t = self.trainer
@@ -275,8 +273,6 @@ class FeatureDataModule(_StoreDataModule):
 
     def dataset(self, rows):
         return FeatureRows(self.root, rows, self.feature_names, self.max_len)
-
-    collate_pins = True
 
     def collate(self, items):
         return collate_features(items)
