@@ -19,6 +19,7 @@ the peak defaults to H100/H200 dense bf16 (989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -104,9 +105,9 @@ def loader_rates(make_dm, workers: list[int]) -> dict[int, float]:
     return {w: loader_rate(make_dm(w)) for w in workers}
 
 
-def fed_rate(module, batches: Iterator[dict], device: str, warmup: int, steps: int) -> float:
-    """Response tokens per second of the training step taking host batches from `batches` and copying
-    them to the device itself, as Lightning does."""
+def steps_rate(module, batches: Iterator[dict], device: str, warmup: int, steps: int) -> float:
+    """Response tokens per second of the training step as Lightning runs it, taking its batches from
+    `batches` and moving them to the device (nothing to move for batches already there)."""
     module.to(device).train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
@@ -155,22 +156,6 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def step_rate(module, batches: list[dict], device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """-> (seconds per step, response tokens per step), the step as Lightning runs it."""
-    module.to(device).train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        train_step(module, opt, params, batches[i % len(batches)], device)
-    sync()
-    lengths = [length(b) for b in batches]
-    return (time.perf_counter() - t0) / steps, sum(lengths) / len(lengths)
-
-
 def bench_eagle3(store: Path, a) -> dict:
     H = a.hidden
     heads = a.heads or max(1, H // 128)
@@ -203,11 +188,14 @@ def measure(module, data, a, name: str, flops_per_token: float) -> dict:
     """The step on batches already on the device; each loader setting alone; then the step copying its
     batches to the device: from pinned host batches held in memory (no loader), and from each loader."""
     host = [b for _, b in zip(range(4), data(a.workers[0]).train_dataloader())]
-    dt, tokens = step_rate(module, [to_device(b, a.device) for b in host], a.device, a.warmup, a.steps)
-    fed = {"copied": fed_rate(module, repeated(host), a.device, a.fed_warmup, a.fed_steps)}
+    staged = [to_device(b, a.device) for b in host]
+    rate = steps_rate(module, itertools.cycle(staged), a.device, a.warmup, a.steps)
+    tokens = sum(map(length, staged)) / len(staged)                               # per step
+    dt = tokens / rate
+    fed = {"copied": steps_rate(module, repeated(host), a.device, a.fed_warmup, a.fed_steps)}
     for w in a.workers:
         batches = endless(data(w))
-        fed[f"w={w}"] = fed_rate(module, batches, a.device, a.fed_warmup, a.fed_steps)
+        fed[f"w={w}"] = steps_rate(module, batches, a.device, a.fed_warmup, a.fed_steps)
         batches.close()
     return {"model": name, "params": module.model.num_params(), "dt": dt, "tokens": tokens,
             "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers), "fed": fed}
