@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter
+from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
 from torch import nn
 
-from adapters.eagle3 import Eagle3Config, Eagle3Drafter
-from adapters.token_adapter import TokenAdapter, TokenAdapterConfig
 from specalign.errors import DataError, SpecalignError
 from specalign.io import atomic_path, write_json
 

@@ -49,19 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from specalign.data.dsec import load_dataset
+from specalign.data.samples import requests_of
+from specalign.data.synth import synthesize
+from specalign.train.extract import ExtractionModule
+from specalign.vlms import draft_backend, video_llava
+from specalign.vlms.draft_backend import DraftBackend
+from specalign.vlms.eventgpt import EventChatForCausalLM
+from specalign.vlms.target_backend import TargetBackend
+from specalign.vlms.video_llava import VideoLlavaForVideo, video_tokens_per_frame
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.dsec import load_dataset
-from data.samples import requests_of
-from data.synth import synthesize
-from train.extract import ExtractionModule
-from vlms import draft_backend, video_llava
-from vlms.draft_backend import DraftBackend
-from vlms.eventgpt import EventChatForCausalLM
-from vlms.target_backend import TargetBackend
-from vlms.video_llava import VideoLlavaForVideo, video_tokens_per_frame
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
 GOALS_GB = {False: 9.5, True: 8.4}          # both nf4 models at batch 1: towers dense / towers 4-bit
@@ -139,12 +136,12 @@ def quantize_nf4(model: nn.Module, keep_dense: list[str]) -> None:
 
 def build_models(models: str, device: str):
     """(target model, draft model, tokenizer), bf16, random weights."""
-    from vlms.tiny import build_tokenizer, tiny_pair
+    from specalign.vlms.tiny import build_tokenizer, tiny_pair
 
     if models == "tiny":
         target, draft, tokenizer = tiny_pair(0)
         return target.to(device, torch.bfloat16), draft.to(device, torch.bfloat16), tokenizer
-    from vlms.real_configs import eventgpt_7b_config, video_llava_7b_config
+    from specalign.vlms.real_configs import eventgpt_7b_config, video_llava_7b_config
 
     tokenizer = build_tokenizer()
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -182,7 +179,7 @@ def build_backends(a, quant: str):
     draft = DraftBackend(draft_model, tokenizer, quant=quant)
     counts = {b.role: param_counts(b.model, b.role, b.decoder) for b in (target, draft)}
     if quant == "nf4":
-        from vlms.hf_backend import dense_modules
+        from specalign.vlms.hf_backend import dense_modules
 
         quantize_nf4(target_model, dense_modules(video_llava.DENSE_MODULES, video_llava.TOWERS, a.quantize_towers,
                                                  a.quantize_heads))

@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapters.eagle3 import Eagle3Config
-from adapters.token_adapter import TokenAdapterConfig
-from data.store import StoreWriter
-from train.datamodule import FeatureDataModule, TokenPairDataModule
-from train.modules import Eagle3Module, TokenAdapterModule
+from specalign.adapters.eagle3 import Eagle3Config
+from specalign.adapters.token_adapter import TokenAdapterConfig
+from specalign.data.store import StoreWriter
+from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule
+from specalign.train.modules import Eagle3Module, TokenAdapterModule
 
 LAYERS = [2, 16, 29]
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-4}
-SCHED = {"_target_": "train.modules.warmup_schedule", "kind": "constant"}
+SCHED = {"_target_": "specalign.train.modules.warmup_schedule", "kind": "constant"}
 
 
 def make_store(root: Path, a) -> Path:

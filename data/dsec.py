@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
+from specalign.data.samples import Sample
+from specalign.data.store import split_of
 
-from data.samples import Sample
-from data.store import split_of
 from specalign.errors import DataError
 from specalign.io import atomic_path
 

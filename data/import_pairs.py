@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig
+from specalign.data.store import StoreWriter, row_key, split_of
 
-from data.store import StoreWriter, row_key, split_of
 from specalign.errors import DataError
 from specalign.stage import hydra_stage
 
@@ -116,7 +116,7 @@ def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, targ
 
 @hydra_stage("import-pairs")
 def main(cfg: DictConfig) -> None:
-    from data.store import FeatureStore
+    from specalign.data.store import FeatureStore
 
     out = import_pairs(cfg.src, cfg.out, vocab_size=cfg.vocab_size, target_name=cfg.target_name,
                        draft_name=cfg.draft_name, fractions=tuple(cfg.split_fractions))

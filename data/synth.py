@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from specalign.data import captions
+from specalign.data.dsec import duration_seconds, write_image
+from specalign.data.events import EVENT_DTYPE, render_event_frames, save_event_clip
+from specalign.data.store import split_of
+from specalign.data.video import write_video
 
-from data import captions
-from data.dsec import duration_seconds, write_image
-from data.events import EVENT_DTYPE, render_event_frames, save_event_clip
-from data.store import split_of
-from data.video import write_video
 from specalign.io import write_json
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)

@@ -6,8 +6,8 @@ import dataclasses
 import os
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from specalign.data.synth import WorldConfig, synthesize
 
-from data.synth import WorldConfig, synthesize
 from specalign.stage import hydra_stage
 
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 # stage name -> module holding its Hydra `main`
 STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("data.synth_stage", "write a synthetic event/video world in the DSEC-clip layout"),
-    "import-pairs": ("data.import_pairs", "turn a token-pair JSON into a tokens-only feature store"),
-    "extract": ("train.extract", "run both VLMs and write a feature store (tokens + hidden states)"),
-    "train": ("train.train", "train a drafter (TokenAdapter or EAGLE-3) on a feature store"),
-    "export": ("train.export", "export a trained checkpoint as a self-describing drafter directory"),
-    "evaluate": ("specdec.evaluate", "measure acceptance (offline simulation or online decoding)"),
-    "plot": ("train.plot", "overlay the curves of several runs"),
-    "teach": ("train.teach", "teach the tiny VLM pair to describe the synthetic world (cached)"),
-    "pipeline": ("train.pipeline", "run every stage on the embedded synthetic world"),
+    "synth": ("specalign.data.synth_stage", "write a synthetic event/video world in the DSEC-clip layout"),
+    "import-pairs": ("specalign.data.import_pairs", "turn a token-pair JSON into a tokens-only feature store"),
+    "extract": ("specalign.train.extract", "run both VLMs and write a feature store (tokens + hidden states)"),
+    "train": ("specalign.train.train", "train a drafter (TokenAdapter or EAGLE-3) on a feature store"),
+    "export": ("specalign.train.export", "export a trained checkpoint as a self-describing drafter directory"),
+    "evaluate": ("specalign.specdec.evaluate", "measure acceptance (offline simulation or online decoding)"),
+    "plot": ("specalign.train.plot", "overlay the curves of several runs"),
+    "teach": ("specalign.train.teach", "teach the tiny VLM pair to describe the synthetic world (cached)"),
+    "pipeline": ("specalign.train.pipeline", "run every stage on the embedded synthetic world"),
 }
 
 

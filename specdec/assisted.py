@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from specalign.specdec.online import DraftContext, Drafter
 from transformers.generation.candidate_generator import CandidateGenerator
-
-from specdec.online import DraftContext, Drafter
 
 
 class DrafterCandidates(CandidateGenerator):

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from specalign.data.store import FeatureStore, Row
+from specalign.specdec.metrics import Proposer
+from specalign.specdec.offline import teacher_forced_proposer
 
-from data.store import FeatureStore, Row
 from specalign.errors import DataError, StoreMismatch
-from specdec.metrics import Proposer
-from specdec.offline import teacher_forced_proposer
 
 Entries = tuple[dict[str, Callable[[Row], Proposer]], dict[str, Callable[[Row], torch.Tensor]], list[str]]
 
@@ -31,9 +31,9 @@ def drafter_config(path: str | Path) -> dict:
 def drafter_entries(path: str | Path, store: FeatureStore, rows: list[Row], name: str | None = None,
                     allow_ablation: bool = True) -> Entries:
     """-> ({name: row -> Proposer}, {name: row -> log-probs [n, V]}, notes)."""
-    from adapters.eagle3 import Eagle3Drafter
-    from adapters.export_format import load_drafter
-    from adapters.token_adapter import TokenAdapter
+    from specalign.adapters.eagle3 import Eagle3Drafter
+    from specalign.adapters.export_format import load_drafter
+    from specalign.adapters.token_adapter import TokenAdapter
 
     model = load_drafter(path)
     kind = drafter_config(path).get("drafter_type", type(model).__name__)
@@ -86,7 +86,7 @@ def _token_adapter_entries(model, name: str, allow_ablation: bool) -> Entries:
 
 
 def _eagle3_entries(model, store: FeatureStore, name: str) -> Entries:
-    from adapters.eagle3 import fuse_features
+    from specalign.adapters.eagle3 import fuse_features
 
     missing = [n for n in model.config.feature_names if n.rsplit(".", 1)[0] not in ("target", "draft")
                or (n.split(".", 1)[1] != "final" and int(n.split(".h", 1)[1]) not in store.layers(n.split(".")[0]))]

@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from specalign.data.store import FeatureStore
+from specalign.specdec import offline
+from specalign.specdec.report import write_report
 
-from data.store import FeatureStore
 from specalign.errors import SpecalignError
 from specalign.stage import hydra_stage
-from specdec import offline
-from specdec.report import write_report
 
 log = logging.getLogger("specalign.evaluate")
 
@@ -32,7 +32,7 @@ def gammas_of(value) -> list[int]:
 
 def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | None = None,
                      no_draft: str | None = None, temperature: float | None = None) -> dict:
-    from specdec.drafters import drafter_entries
+    from specalign.specdec.drafters import drafter_entries
 
     store = FeatureStore(store_path)
     rows = store.select(split)
@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> dict:
     if cfg.mode == "offline":
         report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature)
     elif cfg.mode == "online":
-        from specdec.online_eval import evaluate_online
+        from specalign.specdec.online_eval import evaluate_online
 
         report = evaluate_online(cfg, gammas)
     else:

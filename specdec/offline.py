@@ -16,9 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-
-from data.store import FeatureStore, Row
-from specdec.metrics import Acceptance, Proposer, expected_accept, raw_draft_proposer, simulate_greedy
+from specalign.data.store import FeatureStore, Row
+from specalign.specdec.metrics import (
+    Acceptance,
+    Proposer,
+    expected_accept,
+    raw_draft_proposer,
+    simulate_greedy,
+)
 
 
 def teacher_forced_proposer(predictions: Sequence[int]) -> Proposer:

@@ -30,10 +30,9 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from specalign.specdec.metrics import Acceptance, Round, accept_length, make_round
 from torch import Tensor
 from transformers import DynamicCache
-
-from specdec.metrics import Acceptance, Round, accept_length, make_round
 
 PrefillSpec = Mapping[str, Any] | Callable[[], tuple]
 

@@ -25,11 +25,11 @@ of a drafter in sampling mode that shares its weights.
 from __future__ import annotations
 
 import torch
+from specalign.adapters.eagle3 import fuse_features
+from specalign.specdec.online import DraftContext, Sampling, draw, forward_tokens, run_prefill
 from torch import Tensor
 
-from adapters.eagle3 import fuse_features
 from specalign.errors import SpecalignError
-from specdec.online import DraftContext, Sampling, draw, forward_tokens, run_prefill
 
 
 @torch.no_grad()

@@ -58,13 +58,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
-
-from data.samples import Request
-from data.store import FeatureStore, Row
-from specalign.errors import DataError, SpecalignError
-from specdec.metrics import Acceptance, first_run_matches
-from specdec.online import (
+from specalign.data.samples import Request
+from specalign.data.store import FeatureStore, Row
+from specalign.specdec.metrics import Acceptance, first_run_matches
+from specalign.specdec.online import (
     Drafter,
     GreedyResult,
     ModelDrafter,
@@ -74,7 +71,10 @@ from specdec.online import (
     greedy_generate,
     speculative_generate,
 )
-from specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+from torch import Tensor
+
+from specalign.errors import DataError, SpecalignError
 
 log = logging.getLogger("specalign.evaluate")
 
@@ -105,7 +105,7 @@ class Entry:
 
 def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
     """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the store's data.root."""
-    from data.dsec import load_dataset, load_from_config
+    from specalign.data.dsec import load_dataset, load_from_config
 
     if cfg.get("data"):
         samples, _ = load_from_config(cfg.data)
@@ -149,8 +149,8 @@ def baseline_entries(draft) -> dict[str, Entry]:
 def drafter_entries(path: str, draft, device, name: str | None = None,
                     allow_ablation: bool = True) -> tuple[dict[str, Entry], list[str]]:
     """The names of the offline report: `drafter`, and `no_draft` for the ablation."""
-    from adapters.export_format import load_drafter
-    from adapters.token_adapter import TokenAdapter
+    from specalign.adapters.export_format import load_drafter
+    from specalign.adapters.token_adapter import TokenAdapter
 
     model = load_drafter(path, device)
     name = name or "drafter"
@@ -241,8 +241,8 @@ def run_seed(seed: int, request_index: int) -> int:
 def expected_acceptance(cfg: DictConfig, store: FeatureStore, rows: list[Row], temperature: float) -> dict:
     """name -> the offline mean of sum_x min(p(x), q(x)) over the rows' target greedy positions, for the
     drafters with a distribution the store can recompute (full stores): the exported drafter(s) and EventGPT."""
-    from specdec import offline
-    from specdec.drafters import drafter_entries as offline_entries
+    from specalign.specdec import offline
+    from specalign.specdec.drafters import drafter_entries as offline_entries
 
     if not store.has_hidden:
         return {}
@@ -342,7 +342,7 @@ class OnlineRuns:
 
 @torch.inference_mode()
 def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
-    from vlms.registry import build_backends
+    from specalign.vlms.registry import build_backends
 
     if not cfg.get("models"):
         raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")

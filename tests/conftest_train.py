@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from specalign.data.store import StoreWriter
 
-from data.store import StoreWriter
 from specalign.paths import CONF_DIR
 
 V, H, H_DRAFT = 24, 32, 16

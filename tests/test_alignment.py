@@ -1,9 +1,8 @@
 """The position-alignment rule on a real (tiny) LLaMA: row i predicts response token i."""
 
 import torch
+from specalign.vlms.alignment import feature_positions, gather_rows, teacher_forced_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from vlms.alignment import feature_positions, gather_rows, teacher_forced_inputs
 
 
 def test_feature_positions_formula():

@@ -6,8 +6,7 @@ import threading
 import pytest
 import torch
 from conftest_train import LAYERS, make_store
-
-from train.datamodule import FeatureDataModule, Prefetcher, TokenPairDataModule
+from specalign.train.datamodule import FeatureDataModule, Prefetcher, TokenPairDataModule
 
 NAMES = [f"target.h{i}" for i in LAYERS]
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-
-from data import captions
-from data.dsec import (
+from specalign.data import captions
+from specalign.data.dsec import (
     duration_of_root,
     duration_seconds,
     load_dataset,
@@ -20,9 +19,10 @@ from data.dsec import (
     sample_from_row,
     write_image,
 )
-from data.events import EVENT_DTYPE, save_event_clip
-from data.samples import Sample
-from data.video import write_video
+from specalign.data.events import EVENT_DTYPE, save_event_clip
+from specalign.data.samples import Sample
+from specalign.data.video import write_video
+
 from specalign.errors import DataError
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"

@@ -4,15 +4,14 @@ of features with labels (oracle features), overfitting, padding."""
 import pytest
 import torch
 from conftest_train import LAYERS, H, V, make_store
-
-from adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
-from data.store import FeatureStore
-from train.datamodule import FeatureRows, collate_features
-from train.modules import Eagle3Module
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
+from specalign.data.store import FeatureStore
+from specalign.train.datamodule import FeatureRows, collate_features
+from specalign.train.modules import Eagle3Module
 
 NAMES = [f"target.h{i}" for i in LAYERS]
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-2, "weight_decay": 0.0}
-SCHED = {"_target_": "train.modules.warmup_schedule", "kind": "constant"}
+SCHED = {"_target_": "specalign.train.modules.warmup_schedule", "kind": "constant"}
 
 
 def tiny_config(**kw) -> Eagle3Config:
@@ -143,8 +142,7 @@ def test_padding_does_not_change_the_loss(tmp_path):
 @pytest.mark.parametrize("source,width", [("target", 3 * H), ("both", 3 * H + 3 * 16)])
 def test_feature_sources_set_the_fc_input(tmp_path, source, width):
     from conftest_train import TINY_EAGLE3, train_config
-
-    from train.train import eagle3_config
+    from specalign.train.train import eagle3_config
     store = make_store(tmp_path / "s")
     cfg = train_config(store, tmp_path / "run", *TINY_EAGLE3, f"adapter.feature_source={source}")
     c = eagle3_config(dict(cfg.adapter), FeatureStore(store), "train")

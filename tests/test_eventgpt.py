@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionModel
-
-from specalign.errors import DataError
-from vlms.eventgpt import (
+from specalign.vlms.eventgpt import (
     EVENT_TOKEN_INDEX,
     EventChatConfig,
     EventChatForCausalLM,
     num_event_tokens,
     spatio_temporal_pool,
 )
-from vlms.tiny import build_tokenizer, tiny_draft_config
+from specalign.vlms.tiny import build_tokenizer, tiny_draft_config
+from transformers import CLIPVisionModel
+
+from specalign.errors import DataError
 
 # The released checkpoint's names (design.md, "The two VLMs"), literally.
 RELEASED_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.",

@@ -7,8 +7,7 @@ import pathlib
 import h5py
 import numpy as np
 import pytest
-
-from data.events import (
+from specalign.data.events import (
     EVENT_DTYPE,
     chunk_bounds,
     load_events,
@@ -16,6 +15,7 @@ from data.events import (
     render_event_frames,
     save_event_clip,
 )
+
 from specalign.errors import DataError
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -17,15 +17,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
+from specalign.data.dsec import load_dataset
+from specalign.data.samples import Request, requests_of
+from specalign.data.store import FeatureStore
+from specalign.data.synth import synthesize
+from specalign.train.extract import ExtractionModule, extract
+from specalign.vlms.registry import build_backends
 
-from data.dsec import load_dataset
-from data.samples import Request, requests_of
-from data.store import FeatureStore
-from data.synth import synthesize
 from specalign.errors import StoreMismatch, SystematicFailure
 from specalign.paths import CONF_DIR, REPO_ROOT
-from train.extract import ExtractionModule, extract
-from vlms.registry import build_backends
 
 # 2 clips x 6 questions = 12 requests in 6 batches; fixed-length responses so that runs last long enough
 RUN = ["batch_size=2", "max_new_tokens=24", "ignore_eos=true", "trainer.accelerator=cpu"]

@@ -4,11 +4,11 @@ import json
 import subprocess
 
 import pytest
+from specalign.data.import_pairs import import_pairs
+from specalign.data.store import FeatureStore
+from specalign.specdec.metrics import Acceptance, raw_draft_proposer, simulate_greedy
 
-from data.import_pairs import import_pairs
-from data.store import FeatureStore
 from specalign.errors import DataError
-from specdec.metrics import Acceptance, raw_draft_proposer, simulate_greedy
 from tests.conftest import shared_file
 
 

@@ -1,8 +1,7 @@
 """The acceptance metric: hand-checked rounds, edge cases at the end of a response."""
 
 import torch
-
-from specdec.metrics import Acceptance, make_round, raw_draft_proposer, simulate_greedy
+from specalign.specdec.metrics import Acceptance, make_round, raw_draft_proposer, simulate_greedy
 
 
 def test_perfect_drafter_accepts_everything_up_to_the_end():
@@ -67,7 +66,7 @@ def test_merge_is_the_same_as_one_accumulator():
 
 
 def test_expected_accept_is_overlap_of_distributions():
-    from specdec.metrics import expected_accept
+    from specalign.specdec.metrics import expected_accept
     p = torch.tensor([0.5, 0.5, 0.0])
     q = torch.tensor([0.25, 0.25, 0.5])
     assert torch.isclose(expected_accept(p, q), torch.tensor(0.5))

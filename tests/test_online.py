@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from specdec import online
-from specdec.assisted import assisted_generate
-from specdec.metrics import Acceptance, raw_draft_proposer, simulate_greedy
-from specdec.online import (
+from specalign.specdec import online
+from specalign.specdec.assisted import assisted_generate
+from specalign.specdec.metrics import Acceptance, raw_draft_proposer, simulate_greedy
+from specalign.specdec.online import (
     ModelDrafter,
     Sampling,
     TargetAsDrafter,
@@ -21,6 +19,7 @@ from specdec.online import (
     run_prefill,
     speculative_generate,
 )
+from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB, GAMMA, MAX_NEW, EOS = 96, 4, 24, 1
 

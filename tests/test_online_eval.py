@@ -15,14 +15,12 @@ from dataclasses import replace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-
-from data.store import FeatureStore
-from data.synth import synthesize
-from specalign.paths import CONF_DIR, REPO_ROOT
-from specdec.evaluate import evaluate_offline
-from specdec.metrics import Acceptance
-from specdec.online import Sampling, TargetAsDrafter, speculative_generate
-from specdec.online_eval import (
+from specalign.data.store import FeatureStore
+from specalign.data.synth import synthesize
+from specalign.specdec.evaluate import evaluate_offline
+from specalign.specdec.metrics import Acceptance
+from specalign.specdec.online import Sampling, TargetAsDrafter, speculative_generate
+from specalign.specdec.online_eval import (
     eos_ids,
     load_samples,
     online_report,
@@ -32,10 +30,12 @@ from specdec.online_eval import (
     run_online,
     sampling_entries,
 )
-from train.export import export_run
-from train.extract import extract
-from train.train import main as train_main
-from vlms.registry import build_backends
+from specalign.train.export import export_run
+from specalign.train.extract import extract
+from specalign.train.train import main as train_main
+from specalign.vlms.registry import build_backends
+
+from specalign.paths import CONF_DIR, REPO_ROOT
 
 GAMMAS, MAX_NEW, CLIPS = [2, 4], 16, 32
 QUESTION = "What is happening in this scene?"

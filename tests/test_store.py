@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
+from specalign.data.store import FeatureStore, StoreWriter, split_of
 
-from data.store import FeatureStore, StoreWriter, split_of
 from specalign.errors import DataError, StoreMismatch
 
 MANIFEST = {"kind": "full", "target": {"name": "t", "vocab_size": 50}, "draft": {"name": "d", "vocab_size": 50},
@@ -106,7 +106,7 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path):
         import sys, time, torch
         sys.path.insert(0, {str(os.getcwd())!r})
         from tests.test_store import MANIFEST, _rows, _tensors
-        from data.store import StoreWriter
+        from specalign.data.store import StoreWriter
         w = StoreWriter(sys.argv[1], MANIFEST)
         done = w.done_keys()
         for i in range(12):

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data import captions
-from data.dsec import load_dataset, read_event_images
-from data.events import read_event_clip, render_event_frames
-from data.synth import (
+from specalign.data import captions
+from specalign.data.dsec import load_dataset, read_event_images
+from specalign.data.events import read_event_clip, render_event_frames
+from specalign.data.synth import (
     MIN_CONTRAST,
     WorldConfig,
     contrast,
@@ -24,7 +23,7 @@ from data.synth import (
     simulate_events,
     synthesize,
 )
-from data.video import decode_all_frames
+from specalign.data.video import decode_all_frames
 
 REPO = Path(__file__).resolve().parents[1]
 

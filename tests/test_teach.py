@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-
-from data.samples import Request
-from data.synth import synthesize
-from train import teach
-from train.teach import (
+from specalign.data.samples import Request
+from specalign.data.synth import synthesize
+from specalign.train import teach
+from specalign.train.teach import (
     TeachModule,
     cached_teach,
     collate,
@@ -23,10 +22,10 @@ from train.teach import (
     token_accuracy,
     world_config,
 )
-from vlms.draft_backend import load_draft
-from vlms.hf_backend import left_pad
-from vlms.target_backend import TargetBackend, load_target
-from vlms.tiny import tiny_pair
+from specalign.vlms.draft_backend import load_draft
+from specalign.vlms.hf_backend import left_pad
+from specalign.vlms.target_backend import TargetBackend, load_target
+from specalign.vlms.tiny import tiny_pair
 
 CLIPS = 8   # 7 train clips, 1 test clip, no val clip (seed-independent split by clip id)
 FAST = {"durations": ["1s"], "clips": CLIPS, "epochs": 2, "val_clips": 1, "val_every": 1, "max_new_tokens": 8}

@@ -3,10 +3,9 @@
 import torch
 import torch.nn.functional as F
 from conftest_train import V, noisy_copy, sequences
-
-from adapters.token_adapter import TokenAdapter, TokenAdapterConfig
-from specdec.metrics import simulate_greedy
-from train.datamodule import collate_tokens
+from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
+from specalign.specdec.metrics import simulate_greedy
+from specalign.train.datamodule import collate_tokens
 
 TINY = {"vocab_size": V, "n_layer": 2, "d_model": 32, "n_head": 2, "d_ff": 64, "max_len": 32, "dropout": 0.0}
 

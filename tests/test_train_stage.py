@@ -9,12 +9,12 @@ import torch
 from conftest_train import FAST, TINY_EAGLE3, TINY_TOKEN_ADAPTER, make_store, train_config
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
+from specalign.adapters.export_format import load_drafter
+from specalign.train.export import drafter_from_checkpoint, export_run, load_checkpoint
+from specalign.train.train import main as train_main
 
-from adapters.export_format import load_drafter
 from specalign.errors import DataError, SpecalignError
 from specalign.paths import CONF_DIR
-from train.export import drafter_from_checkpoint, export_run, load_checkpoint
-from train.train import main as train_main
 
 TOKEN_ADAPTER = [*TINY_TOKEN_ADAPTER, *FAST]
 EAGLE3 = [*TINY_EAGLE3, *FAST]
@@ -151,7 +151,7 @@ def test_speculators_layout(eagle3_run, tmp_path):
 
 
 def test_plot_overlays_runs(token_run, eagle3_run, tmp_path):
-    from train.plot import main as plot_main
+    from specalign.train.plot import main as plot_main
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("plot", overrides=[f"runs=[{token_run},{eagle3_run}]", f"out={tmp_path / 'both.png'}"])
     plot_main.run(cfg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from specalign.data.video import decode_all_frames, frame_indices, read_video_frames, write_video
 
-from data.video import decode_all_frames, frame_indices, read_video_frames, write_video
 from specalign.errors import DataError
 
 

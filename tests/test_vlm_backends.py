@@ -9,21 +9,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from specalign.data.dsec import write_image
+from specalign.data.samples import Request, Sample
+from specalign.data.video import write_video
+from specalign.vlms import draft_backend, video_llava
+from specalign.vlms.alignment import feature_positions
+from specalign.vlms.draft_backend import DraftBackend, load_draft
+from specalign.vlms.eventgpt import EVENT_TOKEN_INDEX, num_event_tokens
+from specalign.vlms.hf_backend import CLIP_MEAN, CLIP_STD, clip_preprocess
+from specalign.vlms.registry import build_backends
+from specalign.vlms.target_backend import TargetBackend, load_target
+from specalign.vlms.tiny import save_tiny_pair, tiny_pair
+from specalign.vlms.video_llava import video_tokens_per_frame
 from torch import nn
 
-from data.dsec import write_image
-from data.samples import Request, Sample
-from data.video import write_video
 from specalign.errors import DataError
-from vlms import draft_backend, video_llava
-from vlms.alignment import feature_positions
-from vlms.draft_backend import DraftBackend, load_draft
-from vlms.eventgpt import EVENT_TOKEN_INDEX, num_event_tokens
-from vlms.hf_backend import CLIP_MEAN, CLIP_STD, clip_preprocess
-from vlms.registry import build_backends
-from vlms.target_backend import TargetBackend, load_target
-from vlms.tiny import save_tiny_pair, tiny_pair
-from vlms.video_llava import video_tokens_per_frame
 
 QUESTIONS = ["What is happening in this scene?", "Describe the objects and their motion.",
              "What color is the moving object and which direction is it moving?", "What shape?"]

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Iterator
 import lightning as L
 import numpy as np
 import torch
+from specalign.data.store import FeatureStore, Row
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from data.store import FeatureStore, Row
 from specalign.errors import DataError, SpecalignError
 
 PAD_ID = 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from specalign.adapters.export_format import build_drafter, save_drafter
 
-from adapters.export_format import build_drafter, save_drafter
 from specalign.errors import DataError
 from specalign.stage import hydra_stage
 

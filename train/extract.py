@@ -25,10 +25,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from specalign.data.samples import Request, requests_of
+from specalign.data.store import StoreWriter, split_of
 from torch.utils.data import DataLoader, Dataset
 
-from data.samples import Request, requests_of
-from data.store import StoreWriter, split_of
 from specalign.errors import SpecalignError, SystematicFailure
 from specalign.stage import hydra_stage
 
@@ -221,7 +221,7 @@ def record_dataset_errors(writer: StoreWriter, errors: list[dict]) -> None:
 
 
 def load_requests(cfg: DictConfig) -> tuple[list[Request], list[dict]]:
-    from data.dsec import load_from_config
+    from specalign.data.dsec import load_from_config
 
     samples, errors = load_from_config(cfg.data)
     requests = requests_of(samples)
@@ -234,7 +234,7 @@ def load_requests(cfg: DictConfig) -> tuple[list[Request], list[dict]]:
 
 def extract(cfg: DictConfig) -> Path | None:
     """Run the extraction; returns the finished store on rank 0, None on the other ranks."""
-    from vlms.registry import build_backends
+    from specalign.vlms.registry import build_backends
 
     out = Path(cfg.out)
     requests, errors = load_requests(cfg)
@@ -272,7 +272,7 @@ def main(cfg: DictConfig) -> None:
     out = extract(cfg)
     if out is None:  # rank 0 reports
         return
-    from data.store import FeatureStore
+    from specalign.data.store import FeatureStore
 
     store = FeatureStore(out)
     c = store.manifest["counts"]

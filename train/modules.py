@@ -20,13 +20,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
+from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
+from specalign.data.store import FeatureStore
+from specalign.specdec.metrics import Acceptance, Proposer, simulate_greedy
 from torch.optim.lr_scheduler import LambdaLR
 
-from adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
-from adapters.token_adapter import TokenAdapter, TokenAdapterConfig
-from data.store import FeatureStore
 from specalign.errors import StoreMismatch
-from specdec.metrics import Acceptance, Proposer, simulate_greedy
 
 
 def warmup_schedule(optimizer, kind: str = "cosine", warmup_steps: int = 0, total_steps: int = 1000,

@@ -70,7 +70,7 @@ def key_of(obj) -> str:
 # ------------------------------------------------------------------------------------------ steps
 
 def make_world(P: DictConfig, cache: Path) -> dict:
-    from data.synth import WorldConfig, synthesize
+    from specalign.data.synth import WorldConfig, synthesize
 
     world = OmegaConf.to_container(P.world, resolve=True)
     out = cache / "worlds" / key_of(world)
@@ -86,13 +86,13 @@ def make_world(P: DictConfig, cache: Path) -> dict:
 
 
 def teach(P: DictConfig, world: dict, cache: Path) -> tuple[Path, Path]:
-    from train.teach import cached_teach
+    from specalign.train.teach import cached_teach
 
     return cached_teach(world, OmegaConf.to_container(P.teach, resolve=True), cache / "teach")
 
 
 def extract(P: DictConfig, world: dict, pair: tuple[Path, Path], store: Path) -> Path:
-    from train.extract import extract as run_extract
+    from specalign.train.extract import extract as run_extract
 
     for d in world["durations"]:
         cfg = compose("extract", [f"data=synthetic_{d}", f"data.root={world['out']}/synthetic_{d}",
@@ -103,7 +103,7 @@ def extract(P: DictConfig, world: dict, pair: tuple[Path, Path], store: Path) ->
 
 
 def train_run(P: DictConfig, store: Path, run: Path, adapter: str, extra: list[str]) -> Path:
-    from train.train import train as run_train
+    from specalign.train.train import train as run_train
 
     preset = P.token_adapter if adapter == "token_adapter" else P.eagle3
     epochs = (P.get("epochs") or {}).get(adapter)  # per-drafter epochs over the shared trainer preset
@@ -115,14 +115,14 @@ def train_run(P: DictConfig, store: Path, run: Path, adapter: str, extra: list[s
 
 
 def export(run: Path, out: Path, fmt: str = "native") -> Path:
-    from train.export import export_run
+    from specalign.train.export import export_run
 
     return export_run(run, out, fmt)
 
 
 def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
-    from specdec.evaluate import evaluate_offline
-    from specdec.report import write_report
+    from specalign.specdec.evaluate import evaluate_offline
+    from specalign.specdec.report import write_report
 
     report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
                               str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
@@ -131,8 +131,8 @@ def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Pat
 
 
 def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], out: Path) -> dict:
-    from specdec.online_eval import evaluate_online as run_online
-    from specdec.report import write_report
+    from specalign.specdec.online_eval import evaluate_online as run_online
+    from specalign.specdec.report import write_report
 
     cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
                                f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
@@ -226,8 +226,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
                 online[key] = per_gamma[str(P.evaluate.gammas[-1])]["tau"]
 
-    from train.curves import plot_runs
-    from train.plot import metrics_of
+    from specalign.train.curves import plot_runs
+    from specalign.train.plot import metrics_of
 
     curves = plot_runs({name: metrics_of(run) for name, run in runs.items()}, out / "curves.png")
     gamma = int(P.evaluate.gammas[-1])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
+from specalign.train.curves import collect_metrics, load_metrics, plot_runs
 
 from specalign.stage import hydra_stage
-from train.curves import collect_metrics, load_metrics, plot_runs
 
 
 def metrics_of(run: Path):

@@ -33,21 +33,21 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from specalign.data.dsec import load_dataset
+from specalign.data.samples import Request, Sample, requests_of
+from specalign.data.synth import WorldConfig
+from specalign.specdec.metrics import greedy_acceptance, raw_draft_proposer
+from specalign.vlms.draft_backend import DraftBackend, load_draft
+from specalign.vlms.hf_backend import HFBackend, config_hash, left_pad, positions_from_mask
+from specalign.vlms.target_backend import TargetBackend, load_target
+from specalign.vlms.tiny import build_tokenizer, tiny_draft_config, tiny_pair, tiny_target_config
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from data.dsec import load_dataset
-from data.samples import Request, Sample, requests_of
-from data.synth import WorldConfig
 from specalign.errors import DataError
 from specalign.io import write_json
 from specalign.paths import CONF_DIR
 from specalign.stage import hydra_stage
-from specdec.metrics import greedy_acceptance, raw_draft_proposer
-from vlms.draft_backend import DraftBackend, load_draft
-from vlms.hf_backend import HFBackend, config_hash, left_pad, positions_from_mask
-from vlms.target_backend import TargetBackend, load_target
-from vlms.tiny import build_tokenizer, tiny_draft_config, tiny_pair, tiny_target_config
 
 log = logging.getLogger("specalign.teach")
 

@@ -25,16 +25,16 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from specalign.adapters.eagle3 import Eagle3Config
+from specalign.adapters.token_adapter import TokenAdapterConfig
+from specalign.data.store import IDENTITY_KEYS, FeatureStore
+from specalign.train.curves import collect_metrics, load_metrics, plot_runs
+from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule, check_splits
+from specalign.train.modules import Eagle3Module, TokenAdapterModule
 
-from adapters.eagle3 import Eagle3Config
-from adapters.token_adapter import TokenAdapterConfig
-from data.store import IDENTITY_KEYS, FeatureStore
 from specalign.errors import DataError, SpecalignError
 from specalign.io import write_text
 from specalign.stage import hydra_stage
-from train.curves import collect_metrics, load_metrics, plot_runs
-from train.datamodule import FeatureDataModule, TokenPairDataModule, check_splits
-from train.modules import Eagle3Module, TokenAdapterModule
 
 log = logging.getLogger("specalign.train")
 

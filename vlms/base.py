@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
-from data.samples import Request
+from specalign.data.samples import Request
 
 
 def eagle3_layers(num_layers: int) -> list[int]:

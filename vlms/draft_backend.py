@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from specalign.data.samples import Request
+from specalign.vlms.base import Batch
+from specalign.vlms.eventgpt import EventChatForCausalLM, num_event_tokens
+from specalign.vlms.hf_backend import (
+    HFBackend,
+    check_model_dir,
+    clip_preprocess,
+    dense_modules,
+    load_pretrained,
+)
 
-from data.samples import Request
 from specalign.errors import DataError
-from vlms.base import Batch
-from vlms.eventgpt import EventChatForCausalLM, num_event_tokens
-from vlms.hf_backend import HFBackend, check_model_dir, clip_preprocess, dense_modules, load_pretrained
 
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -42,7 +48,7 @@ class DraftBackend(HFBackend):
 
     def prepare(self, requests: list[Request]) -> Batch:
         """Event PNGs -> [B, T, 3, S, S] CLIP input (S from the tower config), prompts left padded."""
-        from data.dsec import read_event_images
+        from specalign.data.dsec import read_event_images
 
         size = self.model.config.vision_config.image_size
         frames: dict[str, torch.Tensor] = {}

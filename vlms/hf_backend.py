@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from specalign.vlms.alignment import gather_rows, teacher_forced_inputs
+from specalign.vlms.base import Batch, eagle3_layers
 from torch import nn
 
 from specalign.errors import DataError
-from vlms.alignment import gather_rows, teacher_forced_inputs
-from vlms.base import Batch, eagle3_layers
 
 QUANTS = ("bf16", "fp32", "nf4")
 KV_CACHES = ("static", "dynamic", "offloaded")

@@ -11,9 +11,8 @@ tokenizer passes its own).
 
 from __future__ import annotations
 
+from specalign.vlms.eventgpt import CLIP_VIT_L_14_336, EVENT_TOKEN_INDEX, EventChatConfig
 from transformers import VideoLlavaConfig
-
-from vlms.eventgpt import CLIP_VIT_L_14_336, EVENT_TOKEN_INDEX, EventChatConfig
 
 LLAMA_7B = {
     "hidden_size": 4096,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from specalign.vlms.draft_backend import DraftBackend, load_draft
+from specalign.vlms.target_backend import TargetBackend, load_target
 
 from specalign.errors import DataError
-from vlms.draft_backend import DraftBackend, load_draft
-from vlms.target_backend import TargetBackend, load_target
 
 
 def build_backends(cfg: Mapping, device: str | torch.device | None = None) -> tuple[TargetBackend, DraftBackend]:
@@ -39,7 +39,7 @@ def _path(cfg: Mapping, role: str) -> str:
 
 
 def _tiny_backends(seed: int, quant: str, device, kv_cache: str) -> tuple[TargetBackend, DraftBackend]:
-    from vlms.tiny import tiny_pair
+    from specalign.vlms.tiny import tiny_pair
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if quant not in dtypes:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from specalign.data.samples import Request
+from specalign.vlms.base import Batch
+from specalign.vlms.hf_backend import HFBackend, clip_preprocess
+from specalign.vlms.video_llava import load_video_llava, video_tokens_per_frame
 
-from data.samples import Request
 from specalign.errors import DataError
-from vlms.base import Batch
-from vlms.hf_backend import HFBackend, clip_preprocess
-from vlms.video_llava import load_video_llava, video_tokens_per_frame
 
 VIDEO_PLACEHOLDER = "<video>"
 TARGET_TEMPLATE = "USER: " + VIDEO_PLACEHOLDER + "\n{question} ASSISTANT:"
@@ -44,7 +44,7 @@ class TargetBackend(HFBackend):
     def prepare(self, requests: list[Request]) -> Batch:
         """8 uniformly spaced video frames -> [B, 8, 3, S, S] CLIP input (S from the tower config, 224),
         prompts left padded."""
-        from data.video import read_video_frames
+        from specalign.data.video import read_video_frames
 
         size = self.model.config.vision_config.image_size
         frames: dict[str, torch.Tensor] = {}

@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 
 import torch
+from specalign.vlms.draft_backend import DRAFT_TEMPLATE
+from specalign.vlms.eventgpt import EVENT_TOKEN_INDEX, EventChatConfig, EventChatForCausalLM
+from specalign.vlms.target_backend import TARGET_TEMPLATE
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-from vlms.draft_backend import DRAFT_TEMPLATE
-from vlms.eventgpt import EVENT_TOKEN_INDEX, EventChatConfig, EventChatForCausalLM
-from vlms.target_backend import TARGET_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>", "<event>"]
 PUNCTUATION = [".", ",", "?", ":", "'"]
@@ -40,7 +39,7 @@ DRAFT_IMAGE_SIZE = 56
 def default_words() -> list[str]:
     """The synthetic world's caption vocabulary when available, else a small built-in list."""
     try:
-        from data.captions import vocabulary
+        from specalign.data.captions import vocabulary
     except ImportError:
         return list(BUILTIN_WORDS)
     return vocabulary()

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from specalign.vlms.hf_backend import check_model_dir, dense_modules, load_pretrained
 from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-
-from vlms.hf_backend import check_model_dir, dense_modules, load_pretrained
 
 TOWERS = ("model.video_tower", "model.image_tower")
 DENSE_MODULES = ("lm_head", "model.multi_modal_projector")  # never 4-bit
