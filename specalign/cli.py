@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     os.environ["SPECALIGN_STAGE"] = stage
     # argv[0] becomes a real script so that Lightning's DDP launcher can start the other ranks
-    # with the same command line; the help template is the project's own
-    sys.argv = [str(Path(__file__).parent / "scripts" / "stage_main.py"), *rest, "hydra/help=specalign"]
+    # with the same command line; the help template is the project's own (put first: an override
+    # after an option such as `--cfg job` does not parse)
+    sys.argv = [str(Path(__file__).parent / "scripts" / "stage_main.py"), "hydra/help=specalign", *rest]
     run_stage(stage)
 
 

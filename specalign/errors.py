@@ -21,6 +21,10 @@ class DataError(SpecalignError):
         super().__init__(msg)
 
 
+class ConfigError(SpecalignError):
+    """A config value is missing, empty or of the wrong type, or the command line does not compose."""
+
+
 class StoreMismatch(SpecalignError):
     """A feature store was made with other models/layers/settings than the consumer expects."""
 

@@ -192,15 +192,17 @@ class TokenPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         draft, target = self.items[i]
         return {"draft": torch.tensor(draft, dtype=torch.long),
-                "target": torch.tensor(target, dtype=torch.long)}
+                "target": torch.tensor(target, dtype=torch.long), "index": i}
 
 
 def collate_tokens(items: list[dict]) -> dict:
-    """-> draft [B, m], draft_len [B], target [B, n], target_len [B] (right padded with PAD_ID)."""
+    """-> draft [B, m], draft_len [B], target [B, n], target_len [B] (right padded with PAD_ID),
+    index [B] (the rows' places in their split, to name them in errors)."""
     return {"draft": pad([it["draft"] for it in items], PAD_ID),
             "draft_len": torch.tensor([len(it["draft"]) for it in items]),
             "target": pad([it["target"] for it in items], PAD_ID),
-            "target_len": torch.tensor([len(it["target"]) for it in items])}
+            "target_len": torch.tensor([len(it["target"]) for it in items]),
+            "index": torch.tensor([it["index"] for it in items])}
 
 
 class TokenPairDataModule(_StoreDataModule):
@@ -242,7 +244,7 @@ class FeatureRows(Dataset):
         row, n = self.rows[i], min(len(self.rows[i].target_tokens), self.max_len)
         return {"tokens": torch.tensor(row.target_tokens[:n], dtype=torch.long),
                 "parts": [self.store.hidden(row, name)[:n] for name in self.names],
-                "final": self.store.hidden(row, "target.final")[:n]}
+                "final": self.store.hidden(row, "target.final")[:n], "index": i}
 
 
 def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -258,7 +260,8 @@ def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def collate_features(items: list[dict]) -> dict:
     """-> tokens [B, T], length [B], feats [B, T, fc_in] (the parts side by side, `fuse_features`
-    order), final [B, T, H]; zero padded, each row copied once into the batch."""
+    order), final [B, T, H]; zero padded, each row copied once into the batch; index [B] (the rows' places
+    in their split, to name them in errors)."""
     B, T = len(items), max(len(it["tokens"]) for it in items)
     widths = [p.shape[-1] for p in items[0]["parts"]]
     first = items[0]["final"]
@@ -273,7 +276,8 @@ def collate_features(items: list[dict]) -> dict:
         feats[b, n:] = 0
         final[b, n:] = 0
     return {"tokens": pinned(pad([it["tokens"] for it in items], PAD_ID)),
-            "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final}
+            "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final,
+            "index": pinned(torch.tensor([it["index"] for it in items]))}
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from specalign.data.store import FeatureStore
 from specalign.specdec.metrics import Acceptance, Proposer, simulate_greedy
 from torch.optim.lr_scheduler import LambdaLR
 
-from specalign.errors import StoreMismatch
+from specalign.errors import DataError, SpecalignError, StoreMismatch
 
 
 def warmup_schedule(optimizer, kind: str = "cosine", warmup_steps: int = 0, total_steps: int = 1000,
@@ -68,6 +68,29 @@ def lengths_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device) < lengths[:, None]   # [B, T]
 
 
+def check_finite(module: L.LightningModule, split: str, loss: torch.Tensor, batch: dict) -> None:
+    """Stop on a non-finite loss, before it reaches the weights, naming the step and the batch's rows: the
+    rows whose features are not finite (a damaged store), or else every row (training diverged). One
+    device sync per step (the progress bar makes one anyway)."""
+    if bool(torch.isfinite(loss)):
+        return
+    data = module.trainer.datamodule
+    rows = data.train_rows if split == "train" else data.val_rows
+    keys = [rows[i].key for i in batch["index"].tolist()]
+    finite = torch.ones(len(keys), dtype=torch.bool)                                # per row [B]
+    for v in batch.values():
+        if v.is_floating_point():
+            finite &= torch.isfinite(v).flatten(1).all(1).cpu()
+    where = (f"training step {module.global_step} (epoch {module.current_epoch})" if split == "train"
+             else f"validation after step {module.global_step}")
+    bad = [k for k, ok in zip(keys, finite.tolist()) if not ok]
+    if bad:
+        raise DataError(data.root, f"{where}: the loss is {float(loss)}: non-finite features in "
+                        f"{split} rows {', '.join(bad)}", "extract these samples again")
+    raise SpecalignError(f"{where}: the loss is {float(loss)} on {split} rows {', '.join(keys)}, whose "
+                         "inputs are finite: training diverged (lower adapter.lr or raise adapter.warmup_steps)")
+
+
 class DrafterModule(L.LightningModule):
     kind: str
     model: torch.nn.Module
@@ -103,6 +126,7 @@ class DrafterModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         metrics = self.losses(batch, train=True)
+        check_finite(self, "train", metrics["loss"], batch)
         self._log("train", metrics, len(next(iter(batch.values()))))
         return metrics["loss"]
 
@@ -110,7 +134,9 @@ class DrafterModule(L.LightningModule):
         self._acceptance = Acceptance(self.hparams.val_gamma)
 
     def validation_step(self, batch, batch_idx):
-        self._log("val", self.losses(batch, train=False), len(next(iter(batch.values()))))
+        metrics = self.losses(batch, train=False)
+        check_finite(self, "val", metrics["loss"], batch)
+        self._log("val", metrics, len(next(iter(batch.values()))))
         for target, propose in self.proposers(batch):
             if self._acceptance.samples >= self.hparams.val_max_rows:
                 break

@@ -13,16 +13,19 @@ which the Optuna sweeper maximises.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from specalign.adapters.eagle3 import Eagle3Config
@@ -33,7 +36,7 @@ from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule, c
 from specalign.train.modules import Eagle3Module, TokenAdapterModule
 
 from specalign.errors import DataError, SpecalignError
-from specalign.io import write_text
+from specalign.io import atomic_path, write_text
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.train")
@@ -73,6 +76,18 @@ class SaveLast(Checkpoint):
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written whole or not at all: serialised in memory, then written beside the target,
+    fsynced and renamed over it (specalign.io.atomic_path). A kill or a full disk leaves the previous
+    best.ckpt / last.ckpt as it was, never a truncated one, and the OSError names the checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)   # torch.save on a file turns a write error into a RuntimeError
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -166,14 +181,20 @@ def train(cfg: DictConfig) -> float:
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
                            save_on_train_epoch_end=False)
     trainer = L.Trainer(**cfg.trainer, logger=loggers(cfg, run), default_root_dir=run,
-                        use_distributed_sampler=False,
+                        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
                         callbacks=[best, SaveLast(last, cfg.checkpoint_every_n_steps),
                                    LearningRateMonitor(logging_interval="step")])
     try:
         trainer.fit(module, datamodule=data, ckpt_path=last if cfg.resume else None)
-    finally:
-        if trainer.is_global_zero:
-            write_outputs(run)
+    except BaseException:
+        if trainer.is_global_zero:     # the curves so far; the error that stopped the run is the one to report
+            try:
+                write_outputs(run)
+            except Exception as e:  # noqa: BLE001
+                log.warning("curves.png not written: %s", e)
+        raise
+    if trainer.is_global_zero:
+        write_outputs(run)
     score = best.best_model_score
     log.info("run %s: best val/tau %s", run, None if score is None else f"{float(score):.3f}")
     return float(score) if score is not None else float("nan")
