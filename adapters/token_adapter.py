@@ -21,6 +21,10 @@ Draft conditioning is built so that it cannot hurt:
 - copy: a pointer over the draft tokens, mixed into the output distribution with
   lambda = sigmoid(w.h + b), b = -6 at init (lambda ~ 0.0025).
 `condition_on_draft=False` builds the same model without the draft path: the ablation.
+
+The drafter type (adapters/registry.py) below the model: trained on token pairs (TokenAdapterModule:
+teacher-forced cross-entropy with draft dropout), online it reads EventGPT's response (`DraftResponse`),
+and the same weights without the draft are its `no_draft` variant.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from specalign.adapters.registry import (
+    DRAFT_RESPONSE,
+    ChainRuns,
+    DrafterType,
+    OnlineInputs,
+    Pick,
+    Variant,
+    greedy,
+    register,
+    stacked,
+)
+from specalign.specdec.metrics import match_runs
+from specalign.train.modules import DrafterModule, lengths_mask, masked_mean, topk_metrics
+from torch import Tensor, nn
 
 COPY_GATE_BIAS = -6.0
 
@@ -111,6 +128,8 @@ class Block(nn.Module):
 
 
 class TokenAdapter(nn.Module):
+    kind = "token_adapter"
+
     def __init__(self, config: TokenAdapterConfig):
         super().__init__()
         c = self.config = config
@@ -202,29 +221,108 @@ class TokenAdapter(nn.Module):
         return self._logprobs(h, memory, has)
 
     @torch.no_grad()
-    def propose(self, draft_tokens: Sequence[int], prefix: Sequence[int], gamma: int) -> list[int]:
-        """Greedy drafting inside one round: `gamma` tokens following the accepted target prefix
-        r_0..r_{p-1}, given the draft model's whole free-running response."""
+    def propose(self, draft_tokens: Sequence[int] | None, prefix: Sequence[int], gamma: int,
+                pick: Pick = greedy) -> tuple[list[int], Tensor | None]:
+        """One round: `gamma` tokens following the accepted target prefix r_0..r_{p-1}, given the draft
+        model's whole free-running response (None or []: without the draft), each chosen by `pick` from
+        the log-probabilities at its position. -> (tokens, q [k, V] or None)."""
         c = self.config
         gamma = min(gamma, c.max_len - len(prefix))
         if gamma <= 0:
-            return []
+            return [], None
         dev = self.head.weight.device
-        draft = list(draft_tokens)[: c.max_len]
+        draft = list(draft_tokens or [])[: c.max_len]
         memory, has = self._memory(torch.tensor([draft], dtype=torch.long, device=dev).view(1, -1),
                                    torch.tensor([len(draft)], device=dev), None)
         ids = torch.tensor([[c.sep_id, *prefix]], dtype=torch.long, device=dev)
-        out, past, start = [], None, 0
+        out, qs, past, start = [], [], None, 0
         for _ in range(gamma):
             h, past = self._decode(ids, start, memory, has, past)
-            tok = int(self._logprobs(h[:, -1:], memory, has).argmax(-1))
+            tok, q = pick(self._logprobs(h[:, -1:], memory, has)[0, -1])
             out.append(tok)
+            qs.append(q)
             start += ids.shape[1]
             ids = torch.tensor([[tok]], device=dev)
-        return out
+        return out, stacked(qs)
+
+    @torch.no_grad()
+    def next_logprobs(self, batch: dict) -> Tensor:
+        """A token-pair batch (train.datamodule.collate_tokens; `keep` [B] bool optional: which rows keep
+        their draft) -> teacher-forced log-probabilities [B, n, V], row j after r[:j]."""
+        return self.logits(batch["draft"], batch["draft_len"], batch["target"], batch.get("keep"))
+
+    @torch.no_grad()
+    def chain_runs(self, batch: dict, depth: int) -> ChainRuns:
+        """Proposals depend on the prefix only (and the fixed draft): inside a round, proposal k counts only
+        if proposals 0..k-1 were accepted, i.e. equal to r[p..p+k-1], and then its input is exactly the
+        target prefix r[:p+k]. So the greedy proposal at position j is the teacher-forced argmax after
+        r[:j], and one pass gives every round. Positions past max_len propose nothing (see `propose`)."""
+        target = batch["target"]                                                     # [B, n]
+        hit = self.next_logprobs(batch).argmax(-1) == target
+        hit &= torch.arange(target.shape[1], device=target.device) < batch["target_len"][:, None]
+        cap = (self.config.max_len - torch.arange(target.shape[1], device=target.device)).clamp_min(0)
+        return ChainRuns(match_runs(hit), cap.expand_as(target), batch["target_len"])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- the type
+
+class TokenAdapterModule(DrafterModule):
+    """Teacher-forced cross-entropy on the target tokens, the whole draft of a sample dropped with
+    probability `draft_dropout`."""
+
+    kind = "token_adapter"
+
+    def losses(self, batch, train):
+        target, c = batch["target"], self.model.config
+        keep = None
+        if train and c.condition_on_draft:
+            keep = torch.rand(target.shape[0], device=target.device) >= c.draft_dropout
+        lp = self.model.logits(batch["draft"], batch["draft_len"], target, keep)   # [B, n, V]
+        mask = lengths_mask(batch["target_len"], target.shape[1])
+        nll = -lp.gather(-1, target[..., None])[..., 0]                            # [B, n]
+        return {"loss": masked_mean(nll, mask), **topk_metrics(lp, target, mask)}
+
+
+class DraftResponse(OnlineInputs):
+    """Online, the TokenAdapter reads the draft model's free-running response (the engine's request);
+    keep_draft=False: nothing, the trained model without its draft."""
+
+    def __init__(self, keep_draft: bool = True):
+        self.keep_draft = keep_draft
+        self.request = DRAFT_RESPONSE if keep_draft else None
+        self.draft: list[int] = []
+
+    def begin(self, context) -> None:
+        self.draft = [int(t) for t in context.request] if self.keep_draft else []
+
+    def context(self, accepted: list[int]) -> list[int]:
+        return self.draft
+
+
+@register
+class TokenAdapterType(DrafterType):
+    kind = "token_adapter"
+    model_class, config_class, module_class = TokenAdapter, TokenAdapterConfig, TokenAdapterModule
+
+    def batch(self, model, store, rows, keep_draft: bool = True):
+        batch = super().batch(model, store, rows)
+        return {**batch, "keep": torch.full((len(rows),), keep_draft)}
+
+    def variants(self, model):
+        if not model.config.condition_on_draft:
+            return {}
+        return {"no_draft": Variant({"keep_draft": False}, (
+            "'no_draft': the same weights with the draft segment removed (the model was trained with draft "
+            "dropout); pass no_draft=DIR for a separately trained ablation."))}
+
+    def online_inputs(self, model, draft_model, keep_draft: bool = True):
+        return DraftResponse(keep_draft)
+
+    def vocab_info(self, model):
+        return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}
 
 
 def _init(m: nn.Module) -> None:

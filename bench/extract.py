@@ -53,11 +53,11 @@ from specalign.data.dsec import load_dataset
 from specalign.data.samples import requests_of
 from specalign.data.synth import synthesize
 from specalign.train.extract import ExtractionModule
-from specalign.vlms import draft_backend, video_llava
-from specalign.vlms.draft_backend import DraftBackend
+from specalign.vlms import eventgpt_backend, video_llava
 from specalign.vlms.eventgpt import EventChatForCausalLM
-from specalign.vlms.target_backend import TargetBackend
+from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.video_llava import VideoLlavaForVideo, video_tokens_per_frame
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 from torch import nn
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
@@ -175,15 +175,15 @@ def _has(model: nn.Module, name: str) -> bool:
 def build_backends(a, quant: str):
     """(target, draft) backends and their parameter counts (taken before any quantisation)."""
     target_model, draft_model, tokenizer = build_models(a.models, a.device)
-    target = TargetBackend(target_model, tokenizer, quant=quant)
-    draft = DraftBackend(draft_model, tokenizer, quant=quant)
+    target = VideoLlavaBackend(target_model, tokenizer, quant=quant)
+    draft = EventGPTBackend(draft_model, tokenizer, quant=quant)
     counts = {b.role: param_counts(b.model, b.role, b.decoder) for b in (target, draft)}
     if quant == "nf4":
         from specalign.vlms.hf_backend import dense_modules
 
         quantize_nf4(target_model, dense_modules(video_llava.DENSE_MODULES, video_llava.TOWERS, a.quantize_towers,
                                                  a.quantize_heads))
-        quantize_nf4(draft_model, dense_modules(draft_backend.DENSE_MODULES, [draft_backend.TOWER],
+        quantize_nf4(draft_model, dense_modules(eventgpt_backend.DENSE_MODULES, [eventgpt_backend.TOWER],
                                                 a.quantize_towers, a.quantize_heads))
     return target, draft, counts
 

@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
 from specalign.data.samples import Sample
 from specalign.data.store import split_of
@@ -142,19 +141,6 @@ def load_dataset(root: str | Path, questions: list[str] | None = None, limit: in
     if not samples:
         raise first_error
     return samples, errors
-
-
-def load_from_config(data_cfg) -> tuple[list[Sample], list[dict]]:
-    """`load_dataset` with the keys of a conf/data entry (root, duration, questions, limit, strict)."""
-    try:
-        root = data_cfg["root"]
-    except MissingMandatoryValue:
-        raise DataError("data.root", "no dataset root configured",
-                        "pass data.root=/path/to/<name>_1s on the command line") from None
-    questions = data_cfg.get("questions")
-    return load_dataset(root, questions=list(questions) if questions is not None else None,
-                        limit=data_cfg.get("limit"), strict=bool(data_cfg.get("strict", False)),
-                        duration=data_cfg.get("duration"))
 
 
 def read_event_images(paths: list[str | Path]) -> list[np.ndarray]:

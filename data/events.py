@@ -5,8 +5,8 @@ Events are a structured array `EVENT_DTYPE` (x, y: uint16 pixel; t: int64 µs; p
 
 - `.npy` holding a 0-d object array with a pickled dict {x, y, t, p, ...}: the format
   EventGPT ships. The pickle is decoded by a restricted unpickler that only rebuilds numpy
-  arrays, so no pickled code runs; `allow_pickle=True` (config `data.allow_pickle=true`)
-  trusts the file and uses numpy's plain unpickler.
+  arrays, so no pickled code runs; `allow_pickle=True` trusts the file and uses numpy's
+  plain unpickler.
 - `.npy` holding a plain structured array with fields x, y, t, p.
 - DSEC-style HDF5 (`.h5` / `.hdf5`) with datasets `events/{x,y,t,p}`.
 
@@ -41,7 +41,7 @@ CANVAS_COLOR = 255        # white
 # what a truncated or malformed pickle raises
 _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                   KeyError, ImportError, OverflowError)
-PICKLE_HINT = "set allow_pickle=True (config data.allow_pickle=true) only if you trust the file"
+PICKLE_HINT = "pass allow_pickle=True only if you trust the file"
 
 
 @dataclass

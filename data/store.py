@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from specalign.data.features import feature_name
 
 from specalign import __version__
 from specalign.errors import DataError, StoreMismatch
@@ -82,14 +82,6 @@ def split_of(sample_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 
     if h < fractions[0] + fractions[1]:
         return "val"
     return "test"
-
-
-def config_hash(config: Any) -> str:
-    """Stable short hash of a model config (dict or transformers PretrainedConfig)."""
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    blob = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _identity(manifest: dict) -> dict:
@@ -351,7 +343,7 @@ class FeatureStore:
 
     def feature_names(self, model: str) -> list[str]:
         """Captured EAGLE-3 low/mid/high layers (in order), then the final norm output."""
-        return [f"{model}.h{i}" for i in self.layers(model)] + [f"{model}.final"]
+        return [feature_name(model, layer) for layer in [*self.layers(model), None]]
 
     # -- tensors
     def _handle(self, shard: str) -> dict[str, torch.Tensor]:
@@ -396,6 +388,3 @@ class FeatureStore:
         c = self.manifest.get("counts", {})
         return f"FeatureStore({self.root}, kind={self.kind}, rows={c.get('rows')}, splits={c.get('splits')})"
 
-
-def iter_keys(rows: Iterable[dict]) -> list[str]:
-    return [row_key(r["sample_id"], r["question_id"]) for r in rows]

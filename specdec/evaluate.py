@@ -32,26 +32,17 @@ def gammas_of(value) -> list[int]:
 
 def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | None = None,
                      no_draft: str | None = None, temperature: float | None = None) -> dict:
-    from specalign.specdec.drafters import drafter_entries
+    from specalign.specdec.drafters import report_drafters
 
     store = FeatureStore(store_path)
     rows = store.select(split)
     if not rows:
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
-    entries, logits_fns, notes = {}, {}, []
-    if drafter:
-        e, lf, n = drafter_entries(drafter, store, rows, allow_ablation=no_draft is None)
-        entries.update(e)
-        logits_fns.update(lf)
-        notes += n
-    if no_draft:
-        e, lf, n = drafter_entries(no_draft, store, rows, name="no_draft", allow_ablation=False)
-        entries.update(e)
-        logits_fns.update(lf)
-        notes += n
-    entries.update(offline.baseline_proposers(store))
-    tables = {name: offline.acceptances(rows, make, gammas, group=lambda r: r.duration)
-              for name, make in entries.items()}
+    drafters = report_drafters(drafter, no_draft, "offline")
+    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
+    runs |= {name: [make(r) for r in rows] for name, make in offline.baseline_runs(store).items()}
+    tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration)
+              for name, per_row in runs.items()}
     results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
@@ -60,11 +51,11 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
-              "drafter": drafter, "no_draft": no_draft, "results": results, "notes": notes}
+              "drafter": drafter, "no_draft": no_draft, "results": results,
+              "notes": [n for d in drafters for n in d.notes]}
     if temperature and store.has_hidden:
-        report["sampling"] = {name: {"temperature": temperature, "expected_alpha":
-                                     offline.expected_sampling_acceptance(store, rows, fn, temperature)}
-                              for name, fn in logits_fns.items()}
+        report["sampling"] = {d.name: {"temperature": temperature, "expected_alpha": offline.expected_sampling_acceptance(
+            store, rows, offline.drafter_logprobs(d, store), temperature)} for d in drafters}
     return report
 
 

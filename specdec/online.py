@@ -142,7 +142,7 @@ def speculative_accept(p: Tensor, q: Tensor, proposal: list[int],
 
 @dataclass
 class DraftContext:
-    prefill: PrefillSpec                    # the target's prompt (TargetAsDrafter replays it)
+    prefill: PrefillSpec                    # the target's prompt
     request: Any                            # per-sequence data for the drafter (its prompt, its token list)
     prompt_len: int                         # target prompt length
     hidden: dict[int, Tensor] | None        # target prompt hidden states {layer: [prompt_len, H]}
@@ -163,6 +163,9 @@ class Drafter(Protocol):
         features for every token of the sequence but the newest one, the bonus, whose features come
         with the next round. `hidden` is None without hidden_layers, or when a round ran no target forward."""
 
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> Drafter:
+        """The same drafter (shared weights) drawing its proposals for speculative sampling and returning q."""
+
 
 class TokenListDrafter:
     """Proposes request[p:p+gamma] at accepted length p: a fixed draft response (the raw-draft baseline)."""
@@ -175,6 +178,9 @@ class TokenListDrafter:
 
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         pass
+
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> TokenListDrafter:
+        return TokenListDrafter()                               # fixed tokens: q is one-hot
 
 
 class ModelDrafter:
@@ -222,12 +228,8 @@ class ModelDrafter:
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         pass
 
-
-class TargetAsDrafter(ModelDrafter):
-    """The target drafting for itself from its own prompt: greedy proposals are always accepted."""
-
-    def begin(self, context: DraftContext) -> None:
-        self._start(context.prefill)
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> ModelDrafter:
+        return type(self)(self.model, sampling, generator)
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -5,8 +5,9 @@ the target (Video-LLaVA, with its video) is prefilled and decoded by `specdec.on
 with each drafter:
 - `raw_draft`: EventGPT's own free-running greedy response, proposed position by position;
 - `draft_model`: EventGPT as an ordinary draft model (its event prefill, KV cache rolled back each round);
-- the exported drafter (TokenAdapter on EventGPT's response, or EAGLE-3 on the target's and/or EventGPT's
-  features, see specdec/online_drafters.py), and `no_draft` when given (or the TokenAdapter's
+- the exported drafter, of any registered type (adapters/registry.py; the TokenAdapter on EventGPT's
+  response, EAGLE-3 on the target's and/or EventGPT's features) run by specdec/online_drafters.py, and
+  `no_draft` when given (or the variant its type makes without the draft: the TokenAdapter's
   draft-removed ablation).
 Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
 and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
@@ -54,12 +55,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from specalign.adapters.registry import DRAFT_PREFILL, DRAFT_RESPONSE
 from specalign.data.samples import Request
 from specalign.data.store import FeatureStore, Row
+from specalign.specdec.drafters import report_drafters
 from specalign.specdec.metrics import Acceptance, first_run_matches
 from specalign.specdec.online import (
     Drafter,
@@ -71,10 +75,12 @@ from specalign.specdec.online import (
     greedy_generate,
     speculative_generate,
 )
-from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+from specalign.specdec.online_drafters import OnlineDrafter
+from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
+from specalign.seeding import derived_seed
 
 log = logging.getLogger("specalign.evaluate")
 
@@ -90,22 +96,35 @@ class Prepared:
     draft: GreedyResult     # EventGPT's free-running greedy response and its per-call costs
 
 
+# what an entry's drafter reads per sequence (adapters/registry.py) -> where a prepared request has it
+REQUESTS: dict[str | None, Callable[[Prepared], Any]] = {
+    DRAFT_RESPONSE: lambda p: p.draft.tokens, DRAFT_PREFILL: lambda p: p.draft_prefill, None: lambda p: None}
+
+
 @dataclass
 class Entry:
-    """A drafter of the report and the engine's per-sequence `request` for it."""
+    """A drafter of the report and what it reads per sequence (the engine's `request`, the target's hidden
+    states)."""
 
     drafter: Drafter
-    request: Callable[[Prepared], Any]
+    request: str | None = None            # DRAFT_RESPONSE | DRAFT_PREFILL | None
     hidden_layers: Sequence[int] = ()
-    reads_draft_response: bool = False    # its input, EventGPT's response, is generated before the run
     runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
+
+    @property
+    def reads_draft_response(self) -> bool:
+        """Its input, EventGPT's response, is generated before the run (part of its setup cost)."""
+        return self.request == DRAFT_RESPONSE
+
+    def request_of(self, p: Prepared) -> Any:
+        return REQUESTS[self.request](p)
 
 
 # ----------------------------------------------------------------------------- requests
 
 def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
-    """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the store's data.root."""
-    from specalign.data.dsec import load_dataset, load_from_config
+    """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the datasets the store records."""
+    from specalign.data.layouts import load_from_config, load_recorded
 
     if cfg.get("data"):
         samples, _ = load_from_config(cfg.data)
@@ -116,7 +135,7 @@ def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
                         "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
     samples = []
     for d in datasets:  # every dataset extracted into the store (e.g. 1 s and 500 ms clips)
-        samples += load_dataset(d["root"], questions=store.manifest.get("questions"), duration=d.get("duration"))[0]
+        samples += load_recorded(d, store.manifest.get("questions"))
     return {s.id: s for s in samples}
 
 
@@ -142,49 +161,25 @@ def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos:
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
-    return {"raw_draft": Entry(TokenListDrafter(), lambda p: p.draft.tokens, reads_draft_response=True),
-            "draft_model": Entry(ModelDrafter(draft.model), lambda p: p.draft_prefill)}
-
-
-def drafter_entries(path: str, draft, device, name: str | None = None,
-                    allow_ablation: bool = True) -> tuple[dict[str, Entry], list[str]]:
-    """The names of the offline report: `drafter`, and `no_draft` for the ablation."""
-    from specalign.adapters.export_format import load_drafter
-    from specalign.adapters.token_adapter import TokenAdapter
-
-    model = load_drafter(path, device)
-    name = name or "drafter"
-    if isinstance(model, TokenAdapter):
-        out = {name: Entry(TokenAdapterDrafter(model), lambda p: p.draft.tokens, reads_draft_response=True)}
-        if model.config.condition_on_draft and allow_ablation:
-            out["no_draft"] = Entry(TokenAdapterDrafter(model, keep_draft=False), lambda p: None)
-        return out, []
-    drafter = Eagle3OnlineDrafter(model, draft.model)
-    notes = [f"'{name}': EAGLE-3 on {model.config.feature_names}; it proposes nothing in the first round."]
-    if drafter.draft_layers:
-        notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one draft "
-                     "forward over the newly accepted tokens per round (inside its drafting time).")
-    return {name: Entry(drafter, lambda p: p.draft_prefill, drafter.target_layers)}, notes
+    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE),
+            DRAFT_MODEL: Entry(ModelDrafter(draft.model), DRAFT_PREFILL)}
 
 
 def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
-    entries, notes = {}, []
-    if cfg.drafter:
-        e, n = drafter_entries(cfg.drafter, draft, cfg.device, allow_ablation=cfg.no_draft is None)
-        entries.update(e)
-        notes += n
-    if cfg.no_draft:
-        e, n = drafter_entries(cfg.no_draft, draft, cfg.device, name="no_draft", allow_ablation=False)
-        entries.update(e)
-        notes += n
-    return {**entries, **baseline_entries(draft)}, notes
+    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), then the baselines."""
+    entries = {}
+    drafters = report_drafters(cfg.drafter, cfg.no_draft, "online", cfg.device)
+    for d in drafters:
+        drafter = OnlineDrafter(d.model, partial(d.kind.online_inputs, d.model, draft.model, **d.options))
+        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
+    return {**entries, **baseline_entries(draft)}, [n for d in drafters for n in d.notes]
 
 
 def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
               sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
     return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
-                                generator=generator, hidden_layers=entry.hidden_layers, request=entry.request(p))
+                                generator=generator, hidden_layers=entry.hidden_layers, request=entry.request_of(p))
 
 
 # ----------------------------------------------------------------------------- speculative sampling
@@ -218,42 +213,26 @@ def shared_vocab(target, draft) -> int:
     return min(target.embed_weight().shape[0], draft.embed_weight().shape[0])
 
 
-def sampling_drafter(drafter: Drafter, sampling: Sampling, generator: torch.Generator) -> Drafter:
-    """The same drafter (shared weights) drawing its proposals from its distribution q, which it returns."""
-    if isinstance(drafter, TokenListDrafter):
-        return TokenListDrafter()                               # fixed tokens: one-hot q
-    if isinstance(drafter, ModelDrafter):                       # TargetAsDrafter included
-        return type(drafter)(drafter.model, sampling, generator)
-    if isinstance(drafter, (TokenAdapterDrafter, Eagle3OnlineDrafter)):
-        return drafter.with_sampling(sampling, generator)
-    raise SpecalignError(f"{type(drafter).__name__} has no sampling mode")
-
-
 def sampling_entries(entries: dict[str, Entry], sampling: Sampling, generator: torch.Generator) -> dict[str, Entry]:
-    return {name: replace(e, drafter=sampling_drafter(e.drafter, sampling, generator), runs={})
-            for name, e in entries.items()}
-
-
-def run_seed(seed: int, request_index: int) -> int:
-    return (int(seed) * 1_000_003 + request_index) % 2**63
+    """The same drafters (shared weights) drawing their proposals from their distribution q, which they return."""
+    return {name: replace(e, drafter=e.drafter.sampled(sampling, generator), runs={}) for name, e in entries.items()}
 
 
 def expected_acceptance(cfg: DictConfig, store: FeatureStore, rows: list[Row], temperature: float) -> dict:
     """name -> the offline mean of sum_x min(p(x), q(x)) over the rows' target greedy positions, for the
-    drafters with a distribution the store can recompute (full stores): the exported drafter(s) and EventGPT."""
+    drafters with a distribution the store can recompute (full stores): the report's drafters and EventGPT."""
     from specalign.specdec import offline
-    from specalign.specdec.drafters import drafter_entries as offline_entries
 
     if not store.has_hidden:
         return {}
     fns = {}
-    for path, name, ablation in ((cfg.drafter, None, cfg.no_draft is None), (cfg.no_draft, "no_draft", False)):
-        if path:
-            try:
-                fns.update(offline_entries(path, store, rows, name=name, allow_ablation=ablation)[1])
-            except SpecalignError as e:      # e.g. an EAGLE-3 whose features the store lacks
-                log.warning("no offline expected acceptance for %s: %s", path, e)
-    fns["draft_model"] = lambda r: offline.head_logits(store, r, "draft")
+    for d in report_drafters(cfg.drafter, cfg.no_draft, "offline"):
+        try:
+            d.kind.check_store(d.model, store)
+            fns[d.name] = offline.drafter_logprobs(d, store)
+        except SpecalignError as e:      # e.g. an EAGLE-3 whose features the store lacks
+            log.warning("no offline expected acceptance for %s: %s", d.name, e)
+    fns[DRAFT_MODEL] = lambda r: offline.head_logits(store, r, "draft")
     return {name: offline.expected_sampling_acceptance(store, rows, fn, temperature) for name, fn in fns.items()}
 
 
@@ -366,7 +345,7 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
         for entry in sampled.values():
             for g in gammas:
-                generator.manual_seed(run_seed(seed, i))
+                generator.manual_seed(derived_seed(seed, i))
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"],
                                                               sampling, generator))
         log.info("online %d/%d: %s", i + 1, len(rows), row.key)

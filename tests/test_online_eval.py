@@ -19,7 +19,7 @@ from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
 from specalign.specdec.evaluate import evaluate_offline
 from specalign.specdec.metrics import Acceptance
-from specalign.specdec.online import Sampling, TargetAsDrafter, speculative_generate
+from specalign.specdec.online import Sampling, speculative_generate
 from specalign.specdec.online_eval import (
     eos_ids,
     load_samples,
@@ -36,6 +36,7 @@ from specalign.train.train import main as train_main
 from specalign.vlms.registry import build_backends
 
 from specalign.paths import CONF_DIR, REPO_ROOT
+from tests.engine_drafters import TargetAsDrafter
 
 GAMMAS, MAX_NEW, CLIPS = [2, 4], 16, 32
 QUESTION = "What is happening in this scene?"
@@ -119,7 +120,7 @@ def test_online_eagle3_features_are_the_stored_rows(online, world):
     _, runs = online["eagle3"]
     drafter, row = runs.entries["drafter"].drafter, runs.prepared[-1].row
     store = FeatureStore(world["store"])
-    for name, rows in drafter.rows.items():
+    for name, rows in drafter.inputs.rows.items():
         got = torch.cat(rows).float()[: len(row.target_tokens)]
         assert len(got) == len(row.target_tokens) if name.startswith("target.") else len(got) > 1, name
         torch.testing.assert_close(got, store.hidden(row, name)[: len(got)].float(), atol=2e-2, rtol=2e-2)

@@ -1,6 +1,6 @@
 """`specalign export run=RUN out=DIR [format=native|speculators] [ckpt=best|last]`
 
-Turns a training checkpoint into a drafter directory that `adapters.export_format.load_drafter`
+Turns a training checkpoint into a drafter directory that `specalign.adapters.export_format.load_drafter`
 (and, for format=speculators, vLLM) loads without the training code.
 """
 

@@ -25,6 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from specalign.data.features import feature_name, layer_key
+from specalign.data.layouts import dataset_entry
 from specalign.data.samples import Request, requests_of
 from specalign.data.store import StoreWriter, split_of
 from torch.utils.data import DataLoader, Dataset
@@ -74,8 +76,8 @@ class ExtractionModule(L.LightningModule):
                                                                         draft_layers, self.ignore_eos)
         feats = {}
         for role, layers, out in (("target", target_layers, target_feats), ("draft", draft_layers, draft_feats)):
-            for name in [f"h{i}" for i in layers] + ["final"]:
-                feats[f"{role}.{name}"] = torch.cat([t.to(torch.bfloat16).cpu() for t in out[name]])
+            for layer in [*layers, None]:
+                feats[feature_name(role, layer)] = torch.cat([t.to(torch.bfloat16).cpu() for t in out[layer_key(layer)]])
         rows = []
         for req, tr, dr in zip(requests, target_resp, draft_resp):
             rows.append({"sample_id": req.sample.id, "question_id": req.question_id, "question": req.question,
@@ -178,7 +180,7 @@ def store_manifest(target, draft, cfg: DictConfig) -> dict:
         "dtype": "bfloat16",
         "prompts": {"target": target.prompt_template(), "draft": draft.prompt_template()},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "ignore_eos": cfg.ignore_eos},
-        "data": {"root": str(cfg.data.root), "duration": cfg.data.get("duration")},
+        "data": dataset_entry(cfg.data),
     }
 
 
@@ -186,7 +188,7 @@ def dataset_record(out: Path, cfg: DictConfig, requests: list[Request]) -> dict:
     """Manifest keys listing every dataset extracted into this store (one store may hold the 1 s
     and the 500 ms clips, written by two runs) and the union of their questions."""
     old = json.loads((Path(out) / "manifest.json").read_text())
-    this = {"root": str(cfg.data.root), "duration": cfg.data.get("duration")}
+    this = dataset_entry(cfg.data)
     datasets = [d for d in old.get("datasets", []) if d != this] + [this]
     questions = sorted(set(old.get("questions") or []) | {r.question for r in requests})
     return {"datasets": datasets, "questions": questions}
@@ -221,7 +223,7 @@ def record_dataset_errors(writer: StoreWriter, errors: list[dict]) -> None:
 
 
 def load_requests(cfg: DictConfig) -> tuple[list[Request], list[dict]]:
-    from specalign.data.dsec import load_from_config
+    from specalign.data.layouts import load_from_config
 
     samples, errors = load_from_config(cfg.data)
     requests = requests_of(samples)

@@ -37,10 +37,10 @@ from specalign.data.dsec import load_dataset
 from specalign.data.samples import Request, Sample, requests_of
 from specalign.data.synth import WorldConfig
 from specalign.specdec.metrics import greedy_acceptance, raw_draft_proposer
-from specalign.vlms.draft_backend import DraftBackend, load_draft
+from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.hf_backend import HFBackend, config_hash, left_pad, positions_from_mask
-from specalign.vlms.target_backend import TargetBackend, load_target
 from specalign.vlms.tiny import build_tokenizer, tiny_draft_config, tiny_pair, tiny_target_config
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
@@ -233,7 +233,7 @@ def teach_role(role: str, world_dir: str | Path, out_dir: str | Path, cfg: Mappi
         if not train:
             raise DataError(world_dir, "the world has no train clips", hint="synthesize more clips")
         target, draft, tokenizer = tiny_pair(cfg["seed"])
-        backend = TargetBackend(target, tokenizer) if role == "target" else DraftBackend(draft, tokenizer)
+        backend = VideoLlavaBackend(target, tokenizer) if role == "target" else EventGPTBackend(draft, tokenizer)
         metrics = fit(backend, train, held_out, cfg, RoleProgressBar(role) if bar else EpochLines(role))
         backend.model.save_pretrained(Path(out_dir) / role)
         tokenizer.save_pretrained(Path(out_dir) / role)
@@ -243,7 +243,7 @@ def teach_role(role: str, world_dir: str | Path, out_dir: str | Path, cfg: Mappi
 def teach_pair(world_dir: str | Path, out_dir: str | Path, cfg: Mapping, parallel: bool = True
                ) -> tuple[Path, Path]:
     """Teach both models (`cfg`: conf/teach.yaml's `teach` keys, missing ones take its defaults) on the
-    world's train clips; write `out_dir/target`, `out_dir/draft` (loadable by load_target / load_draft) and
+    world's train clips; write `out_dir/target`, `out_dir/draft` (loadable by the backends' `from_pretrained`) and
     `out_dir/teach.json`. `parallel`: the draft in a second process meanwhile, one core each."""
     cfg = teach_settings(cfg)
     if parallel:
@@ -333,7 +333,8 @@ def compare(target_dir: str | Path, draft_dir: str | Path, samples: list[Sample]
             gamma: int = RAW_GAMMA) -> dict:
     """Greedy answers of both saved models on `samples`, their token accuracy against the references,
     and the raw draft's acceptance by the target (τ, α at `gamma`)."""
-    target, draft = load_target(target_dir, quant="fp32"), load_draft(draft_dir, quant="fp32")
+    target = VideoLlavaBackend.from_pretrained(target_dir, quant="fp32")
+    draft = EventGPTBackend.from_pretrained(draft_dir, quant="fp32")
     rows = []
     for sample in samples:
         requests = requests_of([sample])

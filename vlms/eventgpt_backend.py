@@ -1,7 +1,9 @@
-"""The draft backend: EventGPT on the event frames of a clip (implements vlms.base.VLMBackend)."""
+"""EventGPT's backend: the model on the event frames of a clip (implements vlms.base.VLMBackend);
+`kind: eventgpt` in conf/models/*.yaml. Built as the draft of the pair by default."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from specalign.vlms.hf_backend import (
     dense_modules,
     load_pretrained,
 )
+from specalign.vlms.registry import load_options, register_backend
 
 from specalign.errors import DataError
 
@@ -26,9 +29,10 @@ TOWER = "model.visual_tower"
 DENSE_MODULES = ("lm_head", "model.visual_projector", "model.feature_adaptor")  # never 4-bit
 
 
-class DraftBackend(HFBackend):
+@register_backend
+class EventGPTBackend(HFBackend):
+    kind = name = "eventgpt"
     role = "draft"
-    name = "eventgpt"
 
     @property
     def decoder(self):
@@ -65,19 +69,30 @@ class DraftBackend(HFBackend):
         media = torch.stack([frames[r.sample.id] for r in requests])
         return self.make_batch(requests, prompts, {"event_tensors": media})
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
+                        device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16,
+                        quantize_head: bool = False, kv_cache: str = "static") -> EventGPTBackend:
+        """EventGPT and its tokenizer from a local checkpoint directory.
 
-def load_draft(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
-               device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16,
-               quantize_head: bool = False, kv_cache: str = "static") -> DraftBackend:
-    """EventGPT and its tokenizer from a local checkpoint directory.
+        quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the CLIP tower (unless
+        `quantize_towers`), projector, feature adaptor and LM head (unless `quantize_head`) stay in
+        `compute_dtype`. kv_cache: see `HFBackend`.
+        """
+        from transformers import AutoTokenizer
 
-    quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the CLIP tower (unless
-    `quantize_towers`), projector, feature adaptor and LM head (unless `quantize_head`) stay in
-    `compute_dtype`. kv_cache: see `HFBackend`.
-    """
-    from transformers import AutoTokenizer
+        path = check_model_dir(path, "EventGPT")
+        keep_dense = dense_modules(DENSE_MODULES, [TOWER], quantize_towers, quantize_head)
+        model = load_pretrained(EventChatForCausalLM, path, quant, keep_dense, device, compute_dtype)
+        return cls(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
 
-    path = check_model_dir(path, "EventGPT")
-    keep_dense = dense_modules(DENSE_MODULES, [TOWER], quantize_towers, quantize_head)
-    model = load_pretrained(EventChatForCausalLM, path, quant, keep_dense, device, compute_dtype)
-    return DraftBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
+    @classmethod
+    def from_config(cls, path: str, cfg: Mapping, device) -> EventGPTBackend:
+        """With the keys of a conf/models entry (vlms/registry.py)."""
+        return cls.from_pretrained(path, device=device, **load_options(cfg))
+
+    @staticmethod
+    def tiny_model(seed: int, tokenizer) -> torch.nn.Module:
+        from specalign.vlms.tiny import tiny_draft
+
+        return tiny_draft(seed, tokenizer)
