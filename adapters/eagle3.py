@@ -242,8 +242,6 @@ class Eagle3Drafter(nn.Module):
             hit = self.to_target(logits[:, : T - k - 1].argmax(-1)) == tokens[:, k + 1:]   # chain i -> r_{i+k+1}
             running &= F.pad(hit, (0, k + 1), value=False)
             run += running
-            if not running.any():
-                break
         run = F.pad(run[:, :-1], (1, 0))                                               # position p: chain p-1
         cap = torch.full_like(run, depth).index_fill_(1, torch.tensor([0], device=run.device), 0)
         return ChainRuns(run.minimum(length[:, None] - torch.arange(T, device=run.device)).clamp_min(0), cap, length)

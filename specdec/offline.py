@@ -47,6 +47,7 @@ def batches_of(rows: Sequence[Row], tokens: int = TOKENS_PER_BATCH) -> Iterable[
         yield batch
 
 
+@torch.no_grad()
 def drafter_runs(d: ReportDrafter, store: FeatureStore, rows: Sequence[Row], depth: int) -> list[Runs]:
     """Every row's runs of a drafter (greedy chains counted to `depth`), in batched forwards."""
     d.kind.check_store(d.model, store)
@@ -64,6 +65,7 @@ def drafter_logprobs(d: ReportDrafter, store: FeatureStore) -> Callable[[Row], t
     """row -> the drafter's teacher-forced log-probabilities [n, V] (row j after r[:j])."""
     device = next(d.model.parameters()).device
 
+    @torch.no_grad()
     def logprobs(row: Row) -> torch.Tensor:
         batch = d.kind.batch(d.model, store, [row], **d.options)
         return d.model.next_logprobs({k: v.to(device) for k, v in batch.items()})[0].float()

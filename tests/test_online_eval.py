@@ -180,6 +180,29 @@ def test_cli_writes_the_online_report(world, tmp_path):
     assert "Online speculative sampling" in md
 
 
+def test_a_drafter_type_from_outside_the_package_trains_exports_and_evaluates(world, tmp_path):
+    """tests/toy_drafter.py registers a bigram drafter the package has no code for. `specalign train`
+    trains it (its config from tests/conf), export writes and reads it back, and both evaluations run it
+    as they run the built-in types: online its greedy output is the target's and its acceptance equals the
+    offline simulation's, also in sampling mode."""
+    from toy_drafter import CONF
+
+    train_main.run(config("train", f"store={world['store']}", f"out={tmp_path / 'run'}", "adapter=bigram",
+                          f"hydra.searchpath=[file://{CONF}]", "trainer.max_steps=40", *ADAPTER_STEPS[1:]))
+    drafter = export_run(tmp_path / "run", tmp_path / "drafter")
+    assert json.loads((drafter / "config.json").read_text())["drafter_type"] == "bigram"
+    off = evaluate_offline(world["store"], "test", GAMMAS, str(drafter))["results"]
+    assert set(off) == {"drafter", "raw_draft", "draft_model"}
+    cfg = online_config({**world, "bigram": drafter}, "bigram", None, "temperature=1.0")
+    runs = run_online(cfg, GAMMAS)
+    on = online_report(cfg, GAMMAS, runs)["results"]
+    for g in GAMMAS:
+        assert [r.tokens for r in runs.entries["drafter"].runs[g]] == [p.row.target_tokens for p in runs.prepared]
+        assert on["drafter"][str(g)] == off["drafter"][str(g)], g
+        assert all(len(r.tokens) > 0 for r in runs.sampled["drafter"].runs[g])
+    assert off["drafter"]["2"]["accepted"] > 0, "the trained bigram should get drafts accepted"
+
+
 # ----------------------------------------------------------------------------- speculative sampling
 
 class Recorder:

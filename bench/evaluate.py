@@ -1,0 +1,137 @@
+"""Offline evaluation at scale: `specalign evaluate mode=offline` of N answers at γ ∈ {1, 3, 5, 7}.
+
+    python bench/evaluate.py                                  # 1,000 answers of 50 tokens, CPU
+    python bench/evaluate.py --device cuda --hidden 4096      # EAGLE-3 at the 7B width
+
+It writes a synthetic full store (random tokens and features, a temp dir; V = 32,000 like the real
+vocabulary, answers as long as the real ones: at most 50 new tokens), exports each drafter type at its
+default config (conf/adapter/<kind>.yaml through the type's `configure`, untrained weights) and times
+`evaluate_offline` on all rows: the drafter's batched chains (`chain_runs`), the baselines (raw draft,
+EventGPT as a draft model from its stored final rows and LM head) and the round walks. Acceptance of
+untrained drafters is near zero, which changes nothing here: the batched chains cost the same passes
+whatever they accept. `--reference N` also times the round-by-round walk (the drafter's `propose` each
+round) on N answers, checks that it gives the same rounds, and extrapolates it to all answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from specalign.adapters.export_format import load_drafter, save_drafter
+from specalign.adapters.registry import drafter_type
+from specalign.data.features import feature_name
+from specalign.data.store import FeatureStore, StoreWriter
+from specalign.specdec.evaluate import evaluate_offline
+from specalign.specdec.metrics import rounds_from_runs, simulate_greedy
+
+from specalign.paths import CONF_DIR
+
+LAYERS = [2, 16, 29]
+GAMMAS = [1, 3, 5, 7]
+
+
+def make_store(root: Path, a) -> Path:
+    """a.rows answers of 20..a.len tokens (draft answers as long), all in the test split (a few train rows
+    for the drafters' configs); target and draft features h{2,16,29} and final, bf16; both LM heads."""
+    H, V = a.hidden, a.vocab
+    ident = {"name": "bench", "path": None, "config_hash": None, "vocab_size": V, "hidden_size": H}
+    w = StoreWriter(root, {"kind": "full", "target": ident, "draft": ident,
+                           "layers": {"target": LAYERS, "draft": LAYERS}, "dtype": "bfloat16",
+                           "prompts": {}, "generation": {"max_new_tokens": a.len}})
+    g = torch.Generator().manual_seed(0)
+    names = [feature_name(m, layer) for m in ("target", "draft") for layer in [*LAYERS, None]]
+    for start in range(0, a.rows + 8, 64):
+        rows = []
+        for i in range(start, min(start + 64, a.rows + 8)):
+            n = int(torch.randint(20, a.len + 1, (1,), generator=g))
+            rows.append({"sample_id": f"s{i:05d}", "question_id": 0, "question": "q",
+                         "split": "test" if i < a.rows else "train",
+                         "target_tokens": torch.randint(3, V, (n,), generator=g).tolist(),
+                         "draft_tokens": torch.randint(3, V, (n,), generator=g).tolist()})
+        tokens = sum(len(r["target_tokens"]) for r in rows)
+        w.write_shard(rows, {k: torch.randn(tokens, H, generator=g, dtype=torch.bfloat16) for k in names})
+    w.save_heads({"target.lm_head": torch.randn(V, H) * 0.02, "target.embed_tokens": torch.randn(V, H) * 0.02,
+                  "draft.lm_head": torch.randn(V, H) * 0.02})
+    return w.finalize()
+
+
+def export_default(kind: str, store: FeatureStore, out: Path) -> Path:
+    """The type's model at its default config for this store, untrained, as an exported drafter."""
+    adapter = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "adapter" / f"{kind}.yaml"), resolve=True)
+    t = drafter_type(kind)
+    torch.manual_seed(0)
+    return save_drafter(t.build(t.configure(adapter, store, "train").to_dict()), out / kind)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def reference_walk(kind: str, drafter: Path, store: FeatureStore, n: int) -> tuple[float, int]:
+    """The round-by-round walk on the first n test rows, each round drafted by `propose` from the accepted
+    prefix; checked against the batched chains. -> (seconds, rows)."""
+    from specalign.specdec.drafters import load_report_drafters
+    from specalign.specdec.offline import drafter_runs
+
+    d = load_report_drafters(drafter, "drafter", "offline")[0]
+    rows = store.select("test")[:n]
+    runs = drafter_runs(d, store, rows, max(GAMMAS))
+    t0 = time.perf_counter()
+    for row, (run, cap) in zip(rows, runs):
+        context = d.kind.batch(d.model, store, [row])
+        context = context["feats"][0] if "feats" in context else row.draft_tokens
+        for g in GAMMAS:
+            r = row.target_tokens
+            expected = simulate_greedy(r, lambda p, gamma, c=context, r=r: d.model.propose(c, r[:p], gamma)[0], g)
+            assert rounds_from_runs(run, cap, len(r), g) == expected, (kind, row.key, g)
+    return time.perf_counter() - t0, len(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1000, help="answers evaluated")
+    p.add_argument("--len", type=int, default=50, help="longest answer (tokens)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256, help="the target's hidden size (EAGLE-3's width)")
+    p.add_argument("--kinds", default="token_adapter,eagle3")
+    p.add_argument("--reference", type=int, default=20, help="answers walked round by round (0: none)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--store", default=None, help="reuse/keep the synthetic store here")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    root = Path(a.store or tempfile.mkdtemp(prefix="bench_eval_"))
+    store_dir = root / "store"
+    if not (store_dir / "manifest.json").exists():
+        make_store(store_dir, a)
+    store = FeatureStore(store_dir)
+    n_tokens = sum(len(r.target_tokens) for r in store.select("test"))
+    lines = [("drafter", "params", "evaluate s", "of which baselines s", "round by round s (extrapolated)")]
+    _, base_s = timed(lambda: evaluate_offline(store_dir, "test", GAMMAS))
+    for kind in a.kinds.split(","):
+        drafter = export_default(kind, store, root / "drafters")
+        params = load_drafter(drafter).num_params()
+        _, s = timed(lambda d=drafter: evaluate_offline(store_dir, "test", GAMMAS, str(d)))
+        ref = "–"
+        if a.reference:
+            ref_s, n = reference_walk(kind, drafter, store, a.reference)
+            ref = f"{ref_s / n * a.rows:.0f} ({ref_s:.1f} s for {n})"
+        lines.append((kind, f"{params / 1e6:.1f}M", f"{s:.1f}", f"{base_s:.1f}", ref))
+    print(f"\n{a.rows} answers ({n_tokens} target tokens), V={a.vocab}, H={a.hidden}, γ ∈ {GAMMAS}, "
+          f"{torch.get_num_threads()} torch threads")
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for k, line in enumerate(lines):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+if __name__ == "__main__":
+    main()
