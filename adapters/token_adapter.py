@@ -203,6 +203,8 @@ class TokenAdapter(nn.Module):
         """-> (memory or None, has_draft [B] float) for a batch of drafts."""
         if not self.config.condition_on_draft:
             return None, None
+        if keep is not None and not self.training and not keep.any():
+            return None, None      # no row reads its draft (the ablation): the same numbers, without encoding it
         if draft.shape[1] == 0:
             draft = draft.new_zeros(draft.shape[0], 1)
         has = (draft_len > 0) if keep is None else (draft_len > 0) & keep

@@ -1,16 +1,19 @@
 """Offline evaluation at scale: `specalign evaluate mode=offline` of N answers at γ ∈ {1, 3, 5, 7}.
 
-    python bench/evaluate.py                                  # 1,000 answers of 50 tokens, CPU
-    python bench/evaluate.py --device cuda --hidden 4096      # EAGLE-3 at the 7B width
+    python bench/evaluate.py                  # 1,000 answers of the synthetic world, the pipeline's drafters
+    python bench/evaluate.py --drafters adapter --vocab 32000 --hidden 4096 --len 50 --rows 100
+                                              # the conf/adapter defaults at the 7B models' sizes
 
-It writes a synthetic full store (random tokens and features, a temp dir; V = 32,000 like the real
-vocabulary, answers as long as the real ones: at most 50 new tokens), exports each drafter type at its
-default config (conf/adapter/<kind>.yaml through the type's `configure`, untrained weights) and times
+It writes a synthetic full store (random tokens and features, a temp dir) shaped like a real one: by
+default the tiny pair's (V 128, H 64, layers 2/4/5) with answers of up to 40 tokens as the pipeline
+extracts them. It builds each drafter type (untrained) at its config for that store, through the type's
+`configure`: `--drafters pipeline` the runs the default pipeline trains (conf/pipeline/default.yaml:
+token_adapter, eagle3_target), `--drafters adapter` the defaults of conf/adapter/<kind>.yaml. Then it times
 `evaluate_offline` on all rows: the drafter's batched chains (`chain_runs`), the baselines (raw draft,
-EventGPT as a draft model from its stored final rows and LM head) and the round walks. Acceptance of
-untrained drafters is near zero, which changes nothing here: the batched chains cost the same passes
-whatever they accept. `--reference N` also times the round-by-round walk (the drafter's `propose` each
-round) on N answers, checks that it gives the same rounds, and extrapolates it to all answers.
+EventGPT as a draft model from its stored final rows and LM head) and the round walks. Untrained drafters
+accept little, which changes nothing here: the batched chains cost the same passes whatever they accept.
+`--reference N` also walks N answers round by round (the drafter's `propose` each round), checks that it
+gives the same rounds, and extrapolates its time to all answers.
 """
 
 from __future__ import annotations
@@ -31,24 +34,31 @@ from specalign.specdec.metrics import rounds_from_runs, simulate_greedy
 
 from specalign.paths import CONF_DIR
 
-LAYERS = [2, 16, 29]
 GAMMAS = [1, 3, 5, 7]
+RUNS = {"token_adapter": "token_adapter", "eagle3": "eagle3_target"}   # kind -> the pipeline run built with --drafters pipeline
+
+
+def capture_layers(num_layers: int) -> list[int]:
+    from specalign.vlms.base import eagle3_layers
+
+    return eagle3_layers(num_layers)
 
 
 def make_store(root: Path, a) -> Path:
-    """a.rows answers of 20..a.len tokens (draft answers as long), all in the test split (a few train rows
-    for the drafters' configs); target and draft features h{2,16,29} and final, bf16; both LM heads."""
-    H, V = a.hidden, a.vocab
+    """a.rows answers of a.len/2..a.len tokens (draft answers as long), all in the test split (a few train
+    rows for the drafters' configs); target and draft features at EAGLE-3's layers and final, bf16; both
+    LM heads."""
+    H, V, layers = a.hidden, a.vocab, capture_layers(a.layers)
     ident = {"name": "bench", "path": None, "config_hash": None, "vocab_size": V, "hidden_size": H}
     w = StoreWriter(root, {"kind": "full", "target": ident, "draft": ident,
-                           "layers": {"target": LAYERS, "draft": LAYERS}, "dtype": "bfloat16",
+                           "layers": {"target": layers, "draft": layers}, "dtype": "bfloat16",
                            "prompts": {}, "generation": {"max_new_tokens": a.len}})
     g = torch.Generator().manual_seed(0)
-    names = [feature_name(m, layer) for m in ("target", "draft") for layer in [*LAYERS, None]]
+    names = [feature_name(m, layer) for m in ("target", "draft") for layer in [*layers, None]]
     for start in range(0, a.rows + 8, 64):
         rows = []
         for i in range(start, min(start + 64, a.rows + 8)):
-            n = int(torch.randint(20, a.len + 1, (1,), generator=g))
+            n = int(torch.randint(a.len // 2, a.len + 1, (1,), generator=g))
             rows.append({"sample_id": f"s{i:05d}", "question_id": 0, "question": "q",
                          "split": "test" if i < a.rows else "train",
                          "target_tokens": torch.randint(3, V, (n,), generator=g).tolist(),
@@ -60,12 +70,24 @@ def make_store(root: Path, a) -> Path:
     return w.finalize()
 
 
-def export_default(kind: str, store: FeatureStore, out: Path) -> Path:
-    """The type's model at its default config for this store, untrained, as an exported drafter."""
-    adapter = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "adapter" / f"{kind}.yaml"), resolve=True)
+def adapter_config(kind: str, which: str, store: Path) -> dict:
+    """The `adapter` config of a drafter type: the pipeline run's, or conf/adapter/<kind>.yaml's."""
+    if which == "adapter":
+        return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "adapter" / f"{kind}.yaml"), resolve=True)
+    from hydra import compose, initialize_config_dir
+    from specalign.train.pipeline import train_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        P = compose("pipeline", ["pipeline=default"]).pipeline
+        return OmegaConf.to_container(train_config(P, store, store.parent / "run", RUNS[kind]).adapter, resolve=True)
+
+
+def export_untrained(kind: str, which: str, store: FeatureStore, out: Path) -> Path:
+    """The type's model at its config for this store, untrained, as an exported drafter."""
     t = drafter_type(kind)
     torch.manual_seed(0)
-    return save_drafter(t.build(t.configure(adapter, store, "train").to_dict()), out / kind)
+    config = t.configure(adapter_config(kind, which, store.root), store, "train")
+    return save_drafter(t.build(config.to_dict()), out / kind)
 
 
 def timed(fn):
@@ -97,9 +119,12 @@ def reference_walk(kind: str, drafter: Path, store: FeatureStore, n: int) -> tup
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1000, help="answers evaluated")
-    p.add_argument("--len", type=int, default=50, help="longest answer (tokens)")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256, help="the target's hidden size (EAGLE-3's width)")
+    p.add_argument("--len", type=int, default=40, help="longest answer (tokens)")
+    p.add_argument("--vocab", type=int, default=128, help="the target's vocabulary")
+    p.add_argument("--hidden", type=int, default=64, help="both models' hidden size (EAGLE-3's width)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (where EAGLE-3's features come from)")
+    p.add_argument("--drafters", choices=["pipeline", "adapter"], default="pipeline",
+                   help="the default pipeline's runs, or the conf/adapter defaults")
     p.add_argument("--kinds", default="token_adapter,eagle3")
     p.add_argument("--reference", type=int, default=20, help="answers walked round by round (0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -116,7 +141,7 @@ def main() -> None:
     lines = [("drafter", "params", "evaluate s", "of which baselines s", "round by round s (extrapolated)")]
     _, base_s = timed(lambda: evaluate_offline(store_dir, "test", GAMMAS))
     for kind in a.kinds.split(","):
-        drafter = export_default(kind, store, root / "drafters")
+        drafter = export_untrained(kind, a.drafters, store, root / "drafters")
         params = load_drafter(drafter).num_params()
         _, s = timed(lambda d=drafter: evaluate_offline(store_dir, "test", GAMMAS, str(d)))
         ref = "–"
@@ -124,8 +149,8 @@ def main() -> None:
             ref_s, n = reference_walk(kind, drafter, store, a.reference)
             ref = f"{ref_s / n * a.rows:.0f} ({ref_s:.1f} s for {n})"
         lines.append((kind, f"{params / 1e6:.1f}M", f"{s:.1f}", f"{base_s:.1f}", ref))
-    print(f"\n{a.rows} answers ({n_tokens} target tokens), V={a.vocab}, H={a.hidden}, γ ∈ {GAMMAS}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"\n{a.rows} answers ({n_tokens} target tokens), V={a.vocab}, H={a.hidden}, {a.drafters} drafters, "
+          f"γ ∈ {GAMMAS}, {torch.get_num_threads()} torch threads")
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for k, line in enumerate(lines):
         print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")

@@ -40,7 +40,7 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
     drafters = report_drafters(drafter, no_draft, "offline")
     runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
-    runs |= {name: [make(r) for r in rows] for name, make in offline.baseline_runs(store).items()}
+    runs |= offline.baseline_runs(store, rows)
     tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration)
               for name, per_row in runs.items()}
     results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}

@@ -73,19 +73,29 @@ def drafter_logprobs(d: ReportDrafter, store: FeatureStore) -> Callable[[Row], t
     return logprobs
 
 
-def baseline_runs(store: FeatureStore) -> dict[str, Callable[[Row], Runs]]:
-    """The baselines every report shows: the raw draft tokens, and (full stores) the draft model
-    used as an ordinary draft model (its greedy predictions after each target prefix); stored
+def baseline_runs(store: FeatureStore, rows: Sequence[Row]) -> dict[str, list[Runs]]:
+    """The baselines every report shows, each row's runs: the raw draft tokens, and (full stores) the draft
+    model used as an ordinary draft model (its greedy predictions after each target prefix); stored
     token lists from earlier research are scored too."""
-    out: dict[str, Callable[[Row], Runs]] = {RAW_DRAFT: lambda r: token_runs(r.draft_tokens, r.target_tokens)}
+    out = {RAW_DRAFT: [token_runs(r.draft_tokens, r.target_tokens) for r in rows]}
     if store.has_hidden:
-        heads = store.heads()
-        out[DRAFT_MODEL] = lambda r: token_runs(head_logits(store, r, "draft", heads).argmax(-1).tolist(),
-                                                r.target_tokens)
+        out[DRAFT_MODEL] = [token_runs(p, r.target_tokens) for p, r in zip(head_predictions(store, rows, "draft"), rows)]
     extra_lists = sorted({k for r in store.rows for k, v in r.extra.items()
                           if k.endswith("_tokens") and isinstance(v, list)})
     for k in extra_lists:
-        out[f"{STORED}{k}"] = lambda r, k=k: token_runs(r.extra.get(k, []), r.target_tokens)
+        out[f"{STORED}{k}"] = [token_runs(r.extra.get(k, []), r.target_tokens) for r in rows]
+    return out
+
+
+def head_predictions(store: FeatureStore, rows: Sequence[Row], model: str) -> list[list[int]]:
+    """Greedy next-token ids of `model` ("target" or "draft") at every feature row of each row, from the
+    stored final-norm rows and LM head (rows batched into one matmul per TOKENS_PER_BATCH tokens)."""
+    head, name, out = store.heads()[f"{model}.lm_head"].float(), feature_name(model, None), [[]] * len(rows)
+    for index in batches_of(rows):
+        final = torch.cat([store.hidden(rows[i], name) for i in index]).float()        # [tokens, H]
+        preds = (final @ head.T).argmax(-1).split([len(rows[i].target_tokens) for i in index])
+        for i, p in zip(index, preds):
+            out[i] = p.tolist()
     return out
 
 

@@ -337,6 +337,13 @@ def test_nf4_heads_are_stored_as_the_weight_they_multiply_by(saved, requests):
 def test_build_backends(saved):
     target, draft = build_backends({"tiny": True, "quant": "fp32"}, "cpu")
     assert (target.role, draft.role) == ("target", "draft")
+    assert (type(target), type(draft)) == (VideoLlavaBackend, EventGPTBackend)
+    swapped = {"tiny": True, "quant": "fp32", "target": {"kind": "eventgpt"}, "draft": {"kind": "video_llava"}}
+    target, draft = build_backends(swapped, "cpu")                  # the backends are picked by kind, not role
+    assert (type(target), type(draft), target.role, draft.role) == (EventGPTBackend, VideoLlavaBackend,
+                                                                     "target", "draft")
+    with pytest.raises(DataError, match="unknown VLM 'llava_next'"):
+        build_backends({"tiny": True, "quant": "fp32", "target": {"kind": "llava_next"}})
     target_dir, draft_dir = saved
     cfg = {"target": {"path": str(target_dir)}, "draft": {"path": str(draft_dir)}, "quant": "fp32"}
     assert build_backends(cfg)[0].path == str(target_dir)

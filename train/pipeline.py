@@ -107,18 +107,21 @@ def extract(P: DictConfig, world: dict, pair: tuple[Path, Path], store: Path) ->
     return store
 
 
-def train_run(P: DictConfig, store: Path, run: Path, name: str) -> Path:
-    """`specalign train` of run `name`: its drafter type's starting point (an experiment, else
+def train_config(P: DictConfig, store: Path, run: Path, name: str) -> DictConfig:
+    """The `specalign train` config of run `name`: its drafter type's starting point (an experiment, else
     conf/adapter/<kind>), the pipeline's trainer keys, the type's and the run's own keys."""
-    from specalign.train.train import train as run_train
-
     spec = P.runs[name]
     base = P.drafters.get(spec.kind) or {}
     start = f"experiment={base.experiment}" if base.get("experiment") else f"adapter={spec.kind}"
-    cfg = compose("train", [start, f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
-                            *overrides(base.get("trainer"), "trainer."), *overrides(base.get("adapter"), "adapter."),
-                            *overrides(spec.get("adapter"), "adapter.")])
-    run_train(cfg)
+    return compose("train", [start, f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
+                             *overrides(base.get("trainer"), "trainer."), *overrides(base.get("adapter"), "adapter."),
+                             *overrides(spec.get("adapter"), "adapter.")])
+
+
+def train_run(P: DictConfig, store: Path, run: Path, name: str) -> Path:
+    from specalign.train.train import train as run_train
+
+    run_train(train_config(P, store, run, name))
     return run
 
 
