@@ -11,8 +11,8 @@ A drafter type is one module and one config, registered once:
 A kind not registered yet is looked up as the module `specalign.adapters.<kind>`, which registers it on
 import; a type defined elsewhere (a test, a plugin) calls `register` before it is used.
 
-Every drafter model (an nn.Module with `kind`, `config` and `num_params()`) proposes in two ways that give
-the same greedy tokens:
+Every drafter model (an nn.Module with `kind`, `config` and `num_params()`) has, besides its own training
+forward (read by its Lightning module's `losses`):
 
 - `propose(context, prefix, gamma, pick=greedy) -> (tokens, q)`: one round of one sequence. Each token is
   chosen by `pick` from the drafter's next-token logits over the target vocabulary: `greedy` takes the
@@ -23,7 +23,8 @@ the same greedy tokens:
 - `chain_runs(batch, depth) -> ChainRuns`: for greedy chains, at every position of every row of a batch
   at once (the prefix at each position is the target's own response), how many of the proposed tokens
   the target accepts. Rounds are then walked from these runs (specdec/metrics.py: `rounds_from_runs`),
-  which is exactly `simulate_greedy` round by round, in a few batched forwards.
+  which are exactly the rounds `simulate_greedy` gets from `propose` round by round, in a few batched
+  forwards.
 - `next_logprobs(batch) -> [B, T, V]`: teacher-forced log-probabilities, row j the distribution of the
   token after r[:j] (the expected acceptance of speculative sampling reads it).
 
@@ -33,7 +34,6 @@ A batch is the type's training batch format (its DataModule's collate), built fo
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -41,7 +41,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from specalign.errors import DataError, SpecalignError
+from specalign.errors import SpecalignError
+from specalign.registry import Registry
 
 # A pick rule: next-token logits [V] (target vocabulary) -> (token, the distribution it was drawn from or None)
 Pick = Callable[[Tensor], tuple[int, Tensor | None]]
@@ -91,7 +92,7 @@ class OnlineInputs:
     """What an online drafter reads besides the accepted prefix, gathered along one sequence (the engine's
     `begin` / `observe` calls, specdec/online.py). This base reads nothing: a prefix-only drafter."""
 
-    request: ClassVar[str | None] = None    # the engine's per-sequence request: DRAFT_RESPONSE, DRAFT_PREFILL
+    request: str | None = None              # the engine's per-sequence request: DRAFT_RESPONSE, DRAFT_PREFILL
     hidden_layers: Sequence[int] = ()       # target hidden states (hidden_states indices) it reads
 
     def begin(self, context) -> None:
@@ -167,27 +168,18 @@ class DrafterType:
         raise SpecalignError(f"the speculators format holds no {self.kind} drafter")
 
 
-_TYPES: dict[str, DrafterType] = {}
+TYPES: Registry[DrafterType] = Registry("drafter type", "adapter.kind", "specalign.adapters.{}")
 
 
 def register(cls: type[DrafterType]) -> type[DrafterType]:
-    """Class decorator: make `cls.kind` a drafter type (a second registration of a kind replaces it)."""
-    _TYPES[cls.kind] = cls()
+    """Class decorator: make `cls.kind` a drafter type."""
+    TYPES.add(cls.kind, cls())
     return cls
 
 
 def drafter_type(kind: str) -> DrafterType:
-    """The registered type of `kind`, importing `specalign.adapters.<kind>` the first time."""
-    if kind not in _TYPES and isinstance(kind, str) and kind.isidentifier():
-        try:
-            importlib.import_module(f"specalign.adapters.{kind}")
-        except ModuleNotFoundError as e:
-            if e.name != f"specalign.adapters.{kind}":
-                raise
-    if kind not in _TYPES:
-        raise DataError("adapter.kind", f"unknown drafter type {kind!r} (known: {', '.join(sorted(_TYPES))})",
-                        "give a kind with a module adapters/<kind>.py, or register the type first")
-    return _TYPES[kind]
+    """The registered type of `kind` (imports `specalign.adapters.<kind>` the first time)."""
+    return TYPES[kind]
 
 
 def type_of(model: nn.Module) -> DrafterType:

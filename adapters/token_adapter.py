@@ -269,6 +269,13 @@ class TokenAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def _init(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 # ---------------------------------------------------------------------------------------------- the type
 
 class TokenAdapterModule(DrafterModule):
@@ -325,10 +332,3 @@ class TokenAdapterType(DrafterType):
 
     def vocab_info(self, model):
         return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}
-
-
-def _init(m: nn.Module) -> None:
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
-    if isinstance(m, nn.Linear) and m.bias is not None:
-        nn.init.zeros_(m.bias)

@@ -31,6 +31,7 @@ from specalign.data.features import feature_name
 from specalign.data.store import FeatureStore, StoreWriter
 from specalign.specdec.evaluate import evaluate_offline
 from specalign.specdec.metrics import rounds_from_runs, simulate_greedy
+from table import print_table
 
 from specalign.paths import CONF_DIR
 
@@ -151,11 +152,7 @@ def main() -> None:
         lines.append((kind, f"{params / 1e6:.1f}M", f"{s:.1f}", f"{base_s:.1f}", ref))
     print(f"\n{a.rows} answers ({n_tokens} target tokens), V={a.vocab}, H={a.hidden}, {a.drafters} drafters, "
           f"γ ∈ {GAMMAS}, {torch.get_num_threads()} torch threads")
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for k, line in enumerate(lines):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_table(lines)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from specalign.adapters.token_adapter import TokenAdapterConfig, TokenAdapterMod
 from specalign.data.store import FeatureStore, StoreWriter
 from specalign.specdec.metrics import Acceptance
 from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule
+from table import print_table
 
 LAYERS = [2, 16, 29]
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-4}
@@ -271,11 +272,7 @@ def main() -> None:
                       *[f"{v:.0f}" for v in r["loaders"].values()], *[f"{v / rate:.1f}x" for v in r["loaders"].values()],
                       *[f"{v / rate:.2f}" for v in r["fed"].values()], f"{r['val_s'] * 1e3:.1f}",
                       f"{r['val_share']:.1%}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for k, line in enumerate(lines):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_table(lines)
 
 
 if __name__ == "__main__":

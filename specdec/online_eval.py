@@ -80,7 +80,7 @@ from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
-from specalign.seeding import derived_seed
+from specalign.runtime import derived_seed
 
 log = logging.getLogger("specalign.evaluate")
 

@@ -22,7 +22,7 @@ from specalign.data.store import FeatureStore
 from specalign.specdec.metrics import Acceptance, rounds_from_runs
 from torch.optim.lr_scheduler import LambdaLR
 
-from specalign.seeding import derived_seed
+from specalign.runtime import derived_seed
 
 
 def warmup_schedule(optimizer, kind: str = "cosine", warmup_steps: int = 0, total_steps: int = 1000,

@@ -18,11 +18,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -30,6 +27,7 @@ from rich.table import Table
 from specalign.specdec.report import entry_label, is_baseline
 
 from specalign.io import write_json, write_text
+from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.pipeline")
@@ -187,17 +185,6 @@ def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, P
     for what, path in where.items():
         console.print(f"  {what:<14} {path}")
     return "\n".join(md) + "\n"
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads for the run, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_pipeline(cfg: DictConfig) -> dict:

@@ -22,9 +22,8 @@ import multiprocessing
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
-from specalign.data.dsec import load_dataset
+from specalign.data.layouts import reader
 from specalign.data.samples import Request, Sample, requests_of
 from specalign.data.synth import WorldConfig
 from specalign.specdec.metrics import greedy_acceptance, raw_draft_proposer
@@ -47,6 +46,7 @@ from transformers import get_cosine_schedule_with_warmup
 from specalign.errors import DataError
 from specalign.io import write_json
 from specalign.paths import CONF_DIR
+from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.teach")
@@ -74,7 +74,7 @@ def load_world(world_dir: str | Path, durations: Sequence[str], clips: int | Non
     """The first `clips` clips of each duration of a synthetic world directory."""
     samples = []
     for duration in durations:
-        samples += load_dataset(Path(world_dir) / f"synthetic_{duration}", limit=clips, strict=True)[0]
+        samples += reader("synthetic")(Path(world_dir) / f"synthetic_{duration}", limit=clips, strict=True)[0]
     return samples
 
 
@@ -199,17 +199,6 @@ class EpochLines(L.Callback):
         print(f"teach {self.role} {trainer.current_epoch + 1}/{trainer.max_epochs}: {metrics}", flush=True)
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Tiny models train fastest on one torch thread (two are several times slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit(backend: HFBackend, train: list[Sample], held_out: list[Sample], cfg: Mapping, progress: L.Callback) -> dict:
     """Teach one backend's model its style of reference answers; returns the last logged metrics."""
     train_items, val_items = examples(backend, train), examples(backend, held_out[: cfg["val_clips"]])
@@ -227,7 +216,7 @@ def fit(backend: HFBackend, train: list[Sample], held_out: list[Sample], cfg: Ma
 
 def teach_role(role: str, world_dir: str | Path, out_dir: str | Path, cfg: Mapping, bar: bool = True) -> dict:
     """Teach the `role` model of the tiny pair of seed `cfg.seed` and save it (+ tokenizer) to out_dir/role."""
-    with single_thread():
+    with torch_threads(1):   # tiny models train fastest on one torch thread
         started = time.perf_counter()
         train, held_out = split(load_world(world_dir, cfg["durations"], cfg["clips"]))
         if not train:
@@ -377,7 +366,7 @@ def main(cfg: DictConfig) -> dict:
         target_dir, draft_dir = cached_teach(world_config(cfg.world), cfg.teach, cfg.cache_root, cfg.parallel)
     print(f"taught pair: target {target_dir}, draft {draft_dir}")
     held_out = split(load_world(cfg.world, cfg.teach.durations, cfg.teach.clips))[1]
-    with single_thread():
+    with torch_threads(1):
         report = compare(target_dir, draft_dir, held_out[: cfg.report_clips], cfg.teach.max_new_tokens)
     print_report(report, cfg.show)
     return report

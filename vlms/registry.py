@@ -8,36 +8,27 @@ a third VLM is that module (plus its model code, where transformers has none) an
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 import torch
 
 from specalign.errors import DataError
+from specalign.registry import Registry
 
 ROLES = ("target", "draft")
 DEFAULT_KINDS = {"target": "video_llava", "draft": "eventgpt"}   # models.<role>.kind when a config has none
 
-_BACKENDS: dict[str, type] = {}
+BACKENDS: Registry[type] = Registry("VLM", "models.<role>.kind", "specalign.vlms.{}_backend")
 
 
 def register_backend(cls: type) -> type:
     """Class decorator: `cls.kind` names a VLM backend (with `from_config` and `tiny_model`)."""
-    _BACKENDS[cls.kind] = cls
+    BACKENDS.add(cls.kind, cls)
     return cls
 
 
-def backend_class(kind: str) -> type:
-    if kind not in _BACKENDS and isinstance(kind, str) and kind.isidentifier():
-        try:
-            importlib.import_module(f"specalign.vlms.{kind}_backend")
-        except ModuleNotFoundError as e:
-            if e.name != f"specalign.vlms.{kind}_backend":
-                raise
-    if kind not in _BACKENDS:
-        raise DataError("models.<role>.kind", f"unknown VLM {kind!r} (known: {', '.join(sorted(_BACKENDS))})",
-                        "give a kind with a module vlms/<kind>_backend.py")
-    return _BACKENDS[kind]
+def backend_class(kind: str, key: str | None = None) -> type:
+    return BACKENDS.get(kind, key)
 
 
 def load_options(cfg: Mapping) -> dict:
@@ -62,7 +53,7 @@ def build_backends(cfg: Mapping, device: str | torch.device | None = None) -> tu
         return _tiny_backends(cfg, device)
     out = []
     for role in ROLES:
-        backend = backend_class(kind_of(cfg, role)).from_config(_path(cfg, role), cfg, device)
+        backend = backend_class(kind_of(cfg, role), f"models.{role}.kind").from_config(_path(cfg, role), cfg, device)
         backend.role = role
         out.append(backend)
     return tuple(out)
@@ -89,7 +80,7 @@ def _tiny_backends(cfg: Mapping, device) -> tuple:
     tokenizer = build_tokenizer()
     out = []
     for offset, role in enumerate(ROLES):
-        cls = backend_class(kind_of(cfg, role))
+        cls = backend_class(kind_of(cfg, role), f"models.{role}.kind")
         model = cls.tiny_model(seed + offset, tokenizer).to(device, dtypes[quant])
         backend = cls(model, tokenizer, quant=quant, kv_cache=cfg.get("kv_cache", "static"))
         backend.role = role
