@@ -16,7 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "synth": ("specalign.data.synth_stage", "write a synthetic event/video world in the DSEC-clip layout"),
     "import-pairs": ("specalign.data.import_pairs", "turn a token-pair JSON into a tokens-only feature store"),
     "extract": ("specalign.train.extract", "run both VLMs and write a feature store (tokens + hidden states)"),
-    "train": ("specalign.train.train", "train a drafter (TokenAdapter or EAGLE-3) on a feature store"),
+    "train": ("specalign.train.train", "train a drafter (any registered type: TokenAdapter, EAGLE-3) on a feature store"),
     "export": ("specalign.train.export", "export a trained checkpoint as a self-describing drafter directory"),
     "evaluate": ("specalign.specdec.evaluate", "measure acceptance (offline simulation or online decoding)"),
     "plot": ("specalign.train.plot", "overlay the curves of several runs"),
