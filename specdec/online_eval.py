@@ -342,11 +342,13 @@ class OnlineRuns:
 
 @torch.inference_mode()
 def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
+    from specalign.specdec.evaluate import check_drafters
     from specalign.vlms.registry import build_backends
 
     if not cfg.get("models"):
         raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")
     store = FeatureStore(cfg.store)
+    check_drafters(store, [cfg.drafter, cfg.no_draft], cfg.get("allow_store_mismatch", False))
     rows = store.select(cfg.split)[: cfg.limit or None]
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")

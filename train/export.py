@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from specalign.adapters.export_format import build_drafter, save_drafter
 
 from specalign.errors import DataError
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 
@@ -32,6 +33,7 @@ def drafter_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
 
 def export_run(run: str | Path, out: str | Path, format: str = "native", ckpt: str = "best") -> Path:
     checkpoint = load_checkpoint(run, ckpt)
+    claim_output(out, "export", {"run": str(Path(run).resolve()), "format": format, "ckpt": ckpt})
     extra = {"source_store": checkpoint["hyper_parameters"].get("source"),
              "trained": {"run": str(run), "checkpoint": ckpt, "global_step": checkpoint["global_step"]}}
     return save_drafter(drafter_from_checkpoint(checkpoint), out, extra, format)
