@@ -139,7 +139,7 @@ def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path,
     claim_output(out, "evaluate", evaluate_identity({"mode": "online", "store": store, "drafter": drafter}))
     cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
                                f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
-                               "+models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
+                               "models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
                                f"models.draft.path={pair[1]}"])  # the datasets are recorded in the store
     report = run_online(cfg, [int(P.evaluate.gammas[-1])])
     write_report(report, out)
