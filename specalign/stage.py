@@ -59,6 +59,10 @@ def legacy_owner(stage: str) -> Callable[[Path], bool] | None:
         from specalign.data.store import is_store
 
         return is_store
+    if stage == "train":
+        from specalign.train.train import is_run
+
+        return is_run
     return None
 
 
