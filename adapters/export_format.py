@@ -16,16 +16,16 @@ Speculators layout (EAGLE-3 with feature_source=target only), the one vLLM loads
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from specalign.adapters.drafter_files import load_checked
 from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter
 from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
 from torch import nn
 
-from specalign.errors import DataError, SpecalignError
+from specalign.errors import SpecalignError
 from specalign.io import atomic_path, write_json
 
 FORMAT = "specalign-drafter"
@@ -103,8 +103,10 @@ def speculators_config(model: nn.Module, extra: dict) -> dict:
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.ttt_steps,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
             "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": target.get("path"), "architectures": verifier_arch},
+            "verifier": {"name_or_path": extra.get("verifier") or target.get("path"),
+                         "architectures": verifier_arch},
         },
+        "source_store": extra.get("source_store"),   # the store it was trained on (specalign.identity)
     }
 
 
@@ -126,18 +128,12 @@ def _config_from_speculators(cfg: dict, state: dict) -> Eagle3Config:
 
 def load_drafter(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A drafter directory (native or speculators) -> the module, in eval mode, with `propose`."""
-    path = Path(path)
-    cpath, wpath = path / "config.json", path / "model.safetensors"
-    for p in (cpath, wpath):
-        if not p.exists():
-            raise DataError(p, "missing from the drafter directory", "run `specalign export` to write one")
-    cfg = json.loads(cpath.read_text())
-    state = load_file(str(wpath))
+    return load_checked(path, _build_from_files).to(device).eval()   # one-line errors for damaged files
+
+
+def _build_from_files(cfg: dict, state: dict) -> nn.Module:
     if cfg.get("speculators_model_type") == "eagle3":
-        model = Eagle3Drafter(_config_from_speculators(cfg, state))
-    elif cfg.get("format") == FORMAT and cfg.get("drafter_type") in DRAFTERS:
-        model = build_drafter(cfg["drafter_type"], cfg["config"])
-    else:
-        raise DataError(cpath, "not a specalign or speculators EAGLE-3 drafter config")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+        return Eagle3Drafter(_config_from_speculators(cfg, state))
+    if cfg.get("format") == FORMAT and cfg.get("drafter_type") in DRAFTERS:
+        return build_drafter(cfg["drafter_type"], cfg["config"])
+    raise ValueError("not a specalign or speculators EAGLE-3 drafter config")

@@ -4,6 +4,9 @@ Writes report.json, report.md and plots. Every report shows the drafter beside i
 baselines: `raw_draft` (the draft model's own free-running tokens), `draft_model` (EventGPT
 as an ordinary draft model, full stores), `no_draft` (the drafter without draft
 conditioning) and any token lists stored with the pairs (e.g. an earlier adapter's output).
+
+A drafter is evaluated only on a store of the models it was trained on (specalign.identity:
+sizes always, models/weights/layers/prompts unless allow_store_mismatch=true).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from specalign.specdec import offline
 from specalign.specdec.report import write_report
 
 from specalign.errors import SpecalignError
+from specalign.identity import check_drafter_store
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.evaluate")
@@ -30,11 +35,26 @@ def gammas_of(value) -> list[int]:
     return out
 
 
+def check_drafters(store: FeatureStore, paths: list[str | None], allow_mismatch: bool = False) -> None:
+    """Refuse drafters trained on a store of other models than `store` (see specalign.identity)."""
+    for path in filter(None, paths):
+        check_drafter_store(path, store.manifest, store.root, allow_mismatch)
+
+
+def evaluate_identity(cfg_or_args: dict) -> dict:
+    """What a report directory is: the mode and the inputs it measured (a rerun may rewrite it)."""
+    where = {k: str(Path(cfg_or_args[k]).resolve()) if cfg_or_args.get(k) else None
+             for k in ("store", "drafter", "no_draft")}
+    return {"mode": cfg_or_args.get("mode", "offline"), **where}
+
+
 def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | None = None,
-                     no_draft: str | None = None, temperature: float | None = None) -> dict:
+                     no_draft: str | None = None, temperature: float | None = None,
+                     allow_store_mismatch: bool = False) -> dict:
     from specalign.specdec.drafters import drafter_entries
 
     store = FeatureStore(store_path)
+    check_drafters(store, [drafter, no_draft], allow_store_mismatch)
     rows = store.select(split)
     if not rows:
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
@@ -71,8 +91,10 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
 @hydra_stage("evaluate")
 def main(cfg: DictConfig) -> dict:
     gammas = gammas_of(cfg.gamma)
+    claim_output(cfg.out, "evaluate", evaluate_identity(cfg))
     if cfg.mode == "offline":
-        report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature)
+        report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature,
+                                  cfg.get("allow_store_mismatch", False))
     elif cfg.mode == "online":
         from specalign.specdec.online_eval import evaluate_online
 

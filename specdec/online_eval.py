@@ -113,7 +113,7 @@ def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
     datasets = store.manifest.get("datasets") or ([store.manifest["data"]] if store.manifest.get("data") else [])
     if not datasets:
         raise DataError(store.root / "manifest.json", "no dataset recorded",
-                        "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
+                        "pass data=<conf/data entry> data.root=/path/to/the/dataset")
     samples = []
     for d in datasets:  # every dataset extracted into the store (e.g. 1 s and 500 ms clips)
         samples += load_dataset(d["root"], questions=store.manifest.get("questions"), duration=d.get("duration"))[0]
@@ -342,11 +342,13 @@ class OnlineRuns:
 
 @torch.inference_mode()
 def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
+    from specalign.specdec.evaluate import check_drafters
     from specalign.vlms.registry import build_backends
 
     if not cfg.get("models"):
-        raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")
+        raise SpecalignError("online mode needs the models: models=<conf/models entry>, e.g. models=tiny")
     store = FeatureStore(cfg.store)
+    check_drafters(store, [cfg.drafter, cfg.no_draft], cfg.get("allow_store_mismatch", False))
     rows = store.select(cfg.split)[: cfg.limit or None]
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")

@@ -74,7 +74,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def online_config(world: dict, drafter: str, no_draft: str | None = None, *overrides: str):
-    return config("evaluate", f"store={world['store']}", "mode=online", "+models=tiny", "split=test",
+    return config("evaluate", f"store={world['store']}", "mode=online", "models=tiny", "split=test",
                   f"gamma=[{','.join(map(str, GAMMAS))}]", f"drafter={world[drafter]}", "out=unused",
                   f"no_draft={world[no_draft] if no_draft else 'null'}", *overrides)
 
@@ -144,7 +144,7 @@ def test_target_as_its_own_drafter_is_always_accepted(world):
 def test_cli_writes_the_online_report(world, tmp_path):
     """Greedy results, costs and speedups, and (temperature=1.0) the speculative-sampling table."""
     out = tmp_path / "report"
-    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "+models=tiny",
+    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "models=tiny",
            f"store={world['store']}", f"drafter={world['token_adapter']}", "split=test", "limit=2", "gamma=[2,3]",
            "temperature=1.0", f"out={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}

@@ -33,7 +33,8 @@ from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule, c
 from specalign.train.modules import Eagle3Module, TokenAdapterModule
 
 from specalign.errors import DataError, SpecalignError
-from specalign.io import write_text
+from specalign.identity import run_identity
+from specalign.io import claim_output, write_text
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.train")
@@ -83,6 +84,11 @@ def run_dir(cfg: DictConfig) -> Path:
         if job.parent.resolve() == out.resolve():
             return job
     return out
+
+
+def is_run(path: Path) -> bool:
+    """A run directory written before ownership markers: its config and checkpoints."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
 def source_info(store: FeatureStore) -> dict:
@@ -157,6 +163,8 @@ def train(cfg: DictConfig) -> float:
         raise DataError(run, "already holds a trained run",
                         "pass resume=true to continue it, or choose another out=")
     store = FeatureStore(cfg.store)
+    claim_output(run, "train", run_identity(store.manifest, cfg.adapter.kind), cfg.get("allow_store_mismatch"),
+                 is_run)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build(cfg, store)
     write_config(run, cfg)

@@ -220,7 +220,13 @@ class HFBackend:
     # ------------------------------------------------------------------------------ description
 
     def identity(self) -> dict:
-        return {"name": self.name, "path": self.path, "config_hash": config_hash(self.model.config),
+        """What the store records of this model (specalign.identity): `weights` fingerprints the checkpoint
+        files, or the parameters of a model built in memory."""
+        from specalign.identity import weights_fingerprint
+
+        path = str(Path(self.path).resolve()) if self.path else None   # valid from any working directory
+        return {"name": self.name, "path": path, "config_hash": config_hash(self.model.config),
+                "weights": weights_fingerprint(self.path or self.model),
                 "vocab_size": self.text_config.vocab_size, "hidden_size": self.text_config.hidden_size,
                 "num_layers": self.text_config.num_hidden_layers, "quant": self.quant}
 

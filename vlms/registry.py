@@ -26,7 +26,8 @@ def build_backends(cfg: Mapping, device: str | torch.device | None = None) -> tu
     towers, heads = bool(cfg.get("quantize_towers", False)), bool(cfg.get("quantize_heads", False))
     target = load_target(_path(cfg, "target"), quant, towers, bool(cfg.get("load_image_tower", False)), device,
                          compute_dtype, heads, kv_cache)
-    draft = load_draft(_path(cfg, "draft"), quant, towers, device, compute_dtype, heads, kv_cache)
+    draft = load_draft(_path(cfg, "draft"), quant, towers, device, compute_dtype, heads, kv_cache,
+                       fallback_tokenizer=target.tokenizer)   # a tokenizer beside EventGPT is optional
     return target, draft
 
 
