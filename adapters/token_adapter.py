@@ -107,7 +107,8 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=past is None)
         if draft_kv is not None:
             mask = draft_mask[:, None, None, :]                                   # [B, 1, 1, m]
-            a = a + gate.view(-1, 1, 1, 1) * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
+            gate = gate.view(-1, 1, 1, 1).to(a.dtype)                             # has_draft is float32
+            a = a + gate * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
         return self._finish(xt, a), (k, v)
 
 
