@@ -51,10 +51,13 @@ class Graph:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Eager and replayed outputs agree: integers exactly, floats to rounding (the same kernels run)."""
+    """Eager and replayed outputs agree: integers exactly, floats to their dtype's rounding, ||x - y|| / ||y||
+    (a library may pick other kernels under capture: bf16 results then differ in the last bits)."""
     for x, y in zip(tree_leaves(a), tree_leaves(b)):
         if x.is_floating_point():
-            if not torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-3):
+            tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+            if not bool(torch.isfinite(x).all()) or float((x.float() - y.float()).norm()) > tol * float(
+                    y.float().norm()) + 1e-6:
                 return False
         elif not torch.equal(x, y):
             return False
