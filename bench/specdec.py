@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on with --device cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse elementwise chains with torch.compile (default: on with --device cuda)")
     p.add_argument("--drafters", type=lambda s: s.split(","), default=["token_adapter", "eagle3"])
     p.add_argument("--profile", action="store_true", help="CUDA: the kernels of one eager decode step")
     p.add_argument("--out", help="write every number as JSON here")
@@ -112,7 +114,8 @@ def build(a):
     decisive_weights(target_model, tokenizer.eos_token_id, special)
     target, draft = TargetBackend(target_model, tokenizer), DraftBackend(draft_model, tokenizer)
     reserve = a.max_new_tokens + max(a.gammas) + 1
-    engines = {b.role: StaticDecoder(b.model, reserve, cuda_graphs=a.cuda_graphs) for b in (target, draft)}
+    engines = {b.role: StaticDecoder(b.model, reserve, cuda_graphs=a.cuda_graphs, compile=a.compile)
+               for b in (target, draft)}
     return target, draft, engines, drafters(a, target, dtype)
 
 
@@ -126,7 +129,8 @@ def drafters(a, target, dtype) -> dict:
         size = ({"n_layer": 4, "d_model": 512, "n_head": 8, "d_ff": 2048} if a.models == "real"
                 else {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64})
         ta = TokenAdapter(TokenAdapterConfig(vocab_size=vocab, max_len=1024, dropout=0.0, **size))
-        out["token_adapter"] = (FastTokenAdapterDrafter(ta.to(device, dtype).eval(), cuda_graphs=a.cuda_graphs), True)
+        out["token_adapter"] = (FastTokenAdapterDrafter(ta.to(device, dtype).eval(), cuda_graphs=a.cuda_graphs,
+                                                        compile=a.compile), True)
     if "eagle3" in a.drafters:
         layers = eagle3_layers(text.num_hidden_layers)
         cfg = Eagle3Config(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
@@ -137,7 +141,8 @@ def drafters(a, target, dtype) -> dict:
         with torch.no_grad():
             eagle.embed_tokens.weight.copy_(target.embed_weight())
         eagle = eagle.to(device, dtype).eval()
-        out["eagle3"] = (FastEagle3Drafter(eagle, feature_dtype=dtype, cuda_graphs=a.cuda_graphs), False)
+        out["eagle3"] = (FastEagle3Drafter(eagle, feature_dtype=dtype, cuda_graphs=a.cuda_graphs,
+                                                   compile=a.compile), False)
     return out
 
 
@@ -249,11 +254,13 @@ def row_numbers(name, gamma, entry, runs, prepared, target_costs) -> dict:
 
 def graph_status(engines, drafters_) -> dict:
     out = {role: sorted(k[0] for k, g in e.graphs.items() if g is not None) for role, e in engines.items()}
+    attention = {role: {str(k[0]) + ("+h" if k[1] else ""): v for k, v in sorted(e.attention.items())}
+                 for role, e in engines.items()}
     failed = {role: sorted(k[0] for k, g in e.graphs.items() if g is None) for role, e in engines.items()}
     for name, (d, _) in drafters_.items():
         out[name] = sorted(str(k) for k, g in d.proposer.graphs.items() if g is not None)
         failed[name] = sorted(str(k) for k, g in d.proposer.graphs.items() if g is None)
-    return {"captured": out, "eager_after_failed_capture": failed}
+    return {"captured": out, "eager_after_failed_capture": failed, "attention": attention}
 
 
 def profile_step(engine: StaticDecoder, spec: dict) -> None:
@@ -296,7 +303,7 @@ def agree(measured: float, projected: float | None) -> str:
 
 def report(a, result: dict, source: str) -> None:
     c, t = result["costs"], result["costs"]["target"]
-    print(f"\nmodels {a.models} on {a.device}, CUDA graphs {a.cuda_graphs}; prompts: target {c['prompt']['target']}, "
+    print(f"\nmodels {a.models} on {a.device}, CUDA graphs {a.cuda_graphs}, compile {a.compile}; prompts: target {c['prompt']['target']}, "
           f"draft {c['prompt']['draft']} tokens; {a.max_new_tokens} new tokens, {a.requests} timed requests; "
           f"acceptance: {source}")
     lines = [["target prefill", f"{1e3 * t['prefill_s']:.2f}"], ["target decode step", f"{1e3 * t['decode_s']:.3f}"],
@@ -348,6 +355,8 @@ def notes(a, result: dict) -> None:
         print("EAGLE-3 proposes nothing before the first accepted token; replayed, its first round still proposes "
               "the traced tokens (at no drafting cost).")
     g = result["graphs"]
+    if any(g["attention"].values()):
+        print(f"Attention kernel kept per graph width (+h: with hidden states): {g['attention']}")
     if any(g["eager_after_failed_capture"].values()):
         print(f"CUDA graphs that fell back to eager: {g['eager_after_failed_capture']}")
     if a.device == "cuda" and a.models == "real":
@@ -364,6 +373,8 @@ def main(argv=None) -> None:
         sys.exit("--device cuda: no CUDA device")
     if a.cuda_graphs is None:
         a.cuda_graphs = a.device == "cuda"
+    if a.compile is None:
+        a.compile = a.device == "cuda"
     if a.requests is None:
         a.requests = 6 if a.models == "real" else 2
     if a.device == "cpu":

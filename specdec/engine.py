@@ -10,14 +10,24 @@ so cropping after a rejection is exact.
 
 With `cuda_graphs`, a forward of W tokens (W <= max_width: a decode step is W = 1, the verification of gamma
 proposals behind the pending bonus token W = gamma + 1) is captured once per (W, hidden layers) on first use
-and replayed afterwards: one launch instead of the ~1,300 kernels a 7B LLaMA forward launches from Python.
+and replayed afterwards: one launch instead of the ~3,600 kernels a 7B LLaMA forward launches from Python.
 The graph reads its tokens from a fixed buffer and its positions from the cache's own length, and builds its
 attention mask inside. `capture` checks every graph against the eager call on the same input; a capture that
 fails or disagrees is dropped with a warning and that width runs eagerly, so a graph never changes a token.
+Each width is captured with each attention kernel PyTorch offers for it (its default pick, cuDNN on Hopper,
+then memory-efficient and plain attention) and the fastest replay is kept: for a few queries over a long
+cache the default pick is not the fastest.
+
+With `compile` (CUDA), the elementwise chains of transformers' decoder are fused by torch.compile
+(`compile_fused_ops`): each RMSNorm (7 kernels) and each layer's rotary embedding of queries and keys (10)
+become one kernel. The functions are transformers' own; the matrix products stay cuBLAS's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -64,10 +74,11 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
-def capture(fn: Callable[[], Any], name: str, undo: Callable[[], None] = lambda: None) -> Graph | None:
+def capture(fn: Callable[[], Any], name: str, undo: Callable[[], None] = lambda: None,
+            warn: bool = True) -> Graph | None:
     """`fn` (which reads and writes only tensors that outlive it) captured as one CUDA graph, or None when
-    the capture fails or its replay disagrees with the eager call (with a warning: the caller runs eagerly).
-    `undo` reverts the state one eager call of `fn` changes (a KV cache's length)."""
+    the capture fails or its replay disagrees with the eager call (with a warning unless `warn` is False:
+    the caller runs eagerly). `undo` reverts the state one eager call of `fn` changes (a KV cache's length)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -84,14 +95,52 @@ def capture(fn: Callable[[], Any], name: str, undo: Callable[[], None] = lambda:
         graph.replay()
         undo()
         if not _same(eager, outputs):
-            warnings.warn(f"CUDA graph of {name} disagrees with the eager call: running it eagerly", stacklevel=3)
+            if warn:
+                warnings.warn(f"CUDA graph of {name} disagrees with the eager call: running it eagerly", stacklevel=3)
             return None
         return Graph(graph, outputs)
     except Exception as e:                       # noqa: BLE001 (any failure: fall back, never a wrong token)
         torch.cuda.synchronize()
-        warnings.warn(f"CUDA graph capture of {name} failed ({type(e).__name__}: {e}); running it eagerly",
-                      stacklevel=3)
+        if warn:
+            warnings.warn(f"CUDA graph capture of {name} failed ({type(e).__name__}: {e}); running it eagerly",
+                          stacklevel=3)
         return None
+
+
+def replay_seconds(graph: Graph, undo: Callable[[], None], reps: int = 10) -> float:
+    """Mean seconds of one replay (after a warm-up)."""
+    for i in range(reps + 3):
+        if i == 3:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        graph()
+        undo()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+_FUSED_MODULES: set[str] = set()
+
+
+def compile_fused_ops(model) -> None:
+    """torch.compile transformers' RMSNorm modules of `model` and the rotary embedding its attention applies
+    (`apply_rotary_pos_emb` of the modeling module): one fused kernel each, shared by every layer (one
+    compilation, dynamic shapes). The rotary function is replaced in its module, so once per process."""
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm") and getattr(m, "_compiled_call_impl", None) is None:
+            m.compile(dynamic=True)
+        module = sys.modules[type(m).__module__]
+        if type(m).__name__.endswith("Attention") and hasattr(module, "apply_rotary_pos_emb") \
+                and module.__name__ not in _FUSED_MODULES:
+            module.apply_rotary_pos_emb = torch.compile(module.apply_rotary_pos_emb, dynamic=True)
+            _FUSED_MODULES.add(module.__name__)
+
+
+def attention_choices() -> list:
+    """SDPA kernels to try per graph: PyTorch's own pick (None), then memory-efficient and plain attention."""
+    from torch.nn.attention import SDPBackend
+
+    return [None, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def tree_map_clone(x: Any) -> Any:
@@ -114,10 +163,15 @@ class StaticDecoder:
     forward replayed as a graph."""
 
     def __init__(self, model, reserve: int = 64, max_len: int | None = None, cuda_graphs: bool = False,
-                 max_width: int = 9):
+                 max_width: int = 9, compile: bool = False):
         self.model = model.eval()
         self.device = model.get_input_embeddings().weight.device
         check_graphs_device(cuda_graphs, self.device)
+        check_graphs_device(compile, self.device, "engine.compile")
+        self.compile = compile
+        if compile:
+            compile_fused_ops(model)
+        self.attention: dict[tuple, str] = {}     # (width, layers) -> the SDPA kernel its graph was captured with
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.reserve, self.max_len, self.cuda_graphs, self.max_width = reserve, max_len, cuda_graphs, max_width
         self.cache, self.capacity, self.length = None, 0, 0
@@ -201,12 +255,26 @@ class StaticDecoder:
         return self.head(out.last_hidden_state[0]), hidden
 
     def _graph(self, width: int, layers: tuple[int, ...]) -> Graph | None:
+        """The graph of a width, captured with each attention kernel and kept with the fastest."""
         key = (width, layers)
         if key not in self.graphs:
-            ids = self.ids[:width]
-            self.graphs[key] = capture(lambda: self._step(ids, layers), f"the {width}-token forward",
-                                       undo=lambda: self.cache.crop(-width))
+            ids, best, undo = self.ids[:width], (float("inf"), None, None), lambda: self.cache.crop(-width)
+            for i, backend in enumerate(attention_choices()):
+                graph = capture(lambda b=backend: self._step_with(b, ids, layers), f"the {width}-token forward",
+                                undo, warn=i == 0)
+                if graph is not None:
+                    best = min(best, (replay_seconds(graph, undo), i, graph), key=lambda x: x[0])
+            self.graphs[key] = best[2]
+            if best[2] is not None:
+                backend = attention_choices()[best[1]]
+                self.attention[key] = "default" if backend is None else backend.name.lower()
         return self.graphs[key]
+
+    def _step_with(self, backend, ids: Tensor, layers: tuple[int, ...]):
+        from torch.nn.attention import sdpa_kernel
+
+        with contextlib.nullcontext() if backend is None else sdpa_kernel([backend]):
+            return self._step(ids, layers)
 
     @torch.inference_mode()
     def warm(self, widths: Sequence[int], hidden_layers: Sequence[int] = ()) -> dict[int, bool]:

@@ -68,19 +68,19 @@ ENGINES = ("static", "dynamic")
 
 
 def make_engine(model, kind: str = "dynamic", reserve: int = 64, max_len: int | None = None,
-                cuda_graphs: bool | None = None):
+                cuda_graphs: bool | None = None, compile: bool | None = None):
     """The model as the online functions decode it: itself (kind "dynamic": transformers' growing cache) or a
-    `StaticDecoder` (kind "static"; `cuda_graphs` None: on when the model is on CUDA)."""
+    `StaticDecoder` (kind "static"; `cuda_graphs` and `compile` None: on when the model is on CUDA)."""
     if kind not in ENGINES:
         raise SpecalignError(f"engine.kind must be one of {ENGINES}, got {kind!r}")
     if kind == "dynamic":
-        if cuda_graphs:
-            raise SpecalignError("engine.cuda_graphs=true needs engine.kind=static (a growing cache changes shape "
-                                 "at every step)")
+        if cuda_graphs or compile:
+            raise SpecalignError("engine.cuda_graphs / engine.compile need engine.kind=static (a growing cache "
+                                 "changes shape at every step)")
         return model
-    if cuda_graphs is None:
-        cuda_graphs = model.get_input_embeddings().weight.device.type == "cuda"
-    return StaticDecoder(model, reserve, max_len, cuda_graphs)
+    on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+    return StaticDecoder(model, reserve, max_len, on_cuda if cuda_graphs is None else cuda_graphs,
+                         compile=on_cuda if compile is None else compile)
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ import torch
 from omegaconf import DictConfig
 from specalign.data.samples import Request
 from specalign.data.store import FeatureStore, Row
+from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.fast_drafters import fast_drafter
 from specalign.specdec.metrics import Acceptance, first_run_matches
 from specalign.specdec.online import (
@@ -142,7 +143,7 @@ def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int
     e = cfg.get("engine") or {}
     for b in backends:
         b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + max(gammas) + 1, e.get("max_len"),
-                               e.get("cuda_graphs"))
+                               e.get("cuda_graphs"), e.get("compile"))
 
 
 def prefill_spec(batch) -> dict:
@@ -372,9 +373,9 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
     use_engines(cfg, (target, draft), max_new, gammas)
     entries, notes = all_entries(cfg, draft)
-    graphs = getattr(target.engine, "cuda_graphs", None)
-    if graphs is not None:                                   # the static engine: drafters on static shapes too
-        entries = {name: replace(e, drafter=fast_drafter(e.drafter, graphs)) for name, e in entries.items()}
+    if isinstance(target.engine, StaticDecoder):            # the static engine: drafters on static shapes too
+        graphs, fused = target.engine.cuda_graphs, target.engine.compile
+        entries = {name: replace(e, drafter=fast_drafter(e.drafter, graphs, fused)) for name, e in entries.items()}
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()
     sampled = sampling_entries(entries, sampling, generator) if sampling else {}
