@@ -258,7 +258,8 @@ def graph_status(engines, drafters_) -> dict:
                  for role, e in engines.items()}
     failed = {role: sorted(k[0] for k, g in e.graphs.items() if g is None) for role, e in engines.items()}
     for name, (d, _) in drafters_.items():
-        out[name] = sorted(str(k) for k, g in d.proposer.graphs.items() if g is not None)
+        out[name] = sorted(str(k) + (" compiled" if k in d.proposer.compiled else "")
+                           for k, g in d.proposer.graphs.items() if g is not None)
         failed[name] = sorted(str(k) for k, g in d.proposer.graphs.items() if g is None)
     return {"captured": out, "eager_after_failed_capture": failed, "attention": attention}
 

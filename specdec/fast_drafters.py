@@ -13,8 +13,8 @@ TokenAdapter: the draft segment depends only on EventGPT's response, so it is en
 (`begin`) into fixed buffers instead of once per round.
 EAGLE-3: step 0 re-runs over all accepted feature rows each round, as `Eagle3Drafter.propose` does.
 Sampling mode (speculative sampling) keeps the eager path: `with_sampling` gives the eager drafter.
-With `compile` (CUDA) a round is fused by torch.compile before its capture (a few seconds of compilation per
-gamma; ~2x faster rounds: the drafters are small, so their kernels are short and many).
+With `compile` (CUDA) a round is fused by torch.compile before its capture (5 to 20 s of compilation per
+gamma; about 2x faster rounds: the drafters are small, so their kernels are short and many).
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ import torch
 from specalign.specdec.engine import Graph, capture, check_graphs_device
 from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
 from torch import Tensor
+
+
+# Rounds shorter than this (the last round of an answer, cut by its length) keep the plain graph: compiling
+# one costs seconds and saves little. Compilation is static (dynamic=False): with dynamic shapes the fused
+# rounds ran far slower on an H200.
+MIN_COMPILED_GAMMA = 3
 
 
 def bucket(n: int, smallest: int = 64) -> int:
@@ -45,6 +51,7 @@ class _Proposer:
         self.device, self.cuda_graphs, self.compile = device, cuda_graphs, compile
         self.p = torch.zeros(1, dtype=torch.long, device=device)    # accepted prefix length, read on the device
         self.graphs: dict[tuple, Graph | None] = {}
+        self.compiled: set[tuple] = set()                           # the graphs captured from compiled rounds
 
     def _round(self, key: tuple, gamma: int) -> Callable[[], Tensor]:
         raise NotImplementedError
@@ -55,7 +62,11 @@ class _Proposer:
             k = (*key, gamma)
             if k not in self.graphs:               # fused by torch.compile when asked, else (or failing) as it is
                 name = f"a {gamma}-token drafter proposal {key}"
-                fused = capture(torch.compile(fn), name + " (compiled)", warn=False) if self.compile else None
+                fused = None
+                if self.compile and gamma >= MIN_COMPILED_GAMMA:
+                    fused = capture(torch.compile(fn, dynamic=False), name + " (compiled)", warn=False)
+                    if fused is not None:
+                        self.compiled.add(k)
                 self.graphs[k] = fused or capture(fn, name)
             if self.graphs[k] is not None:
                 return self.graphs[k]().tolist()
