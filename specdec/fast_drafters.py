@@ -26,7 +26,6 @@ from specalign.specdec.engine import Graph, capture, check_graphs_device
 from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
 from torch import Tensor
 
-
 # Rounds shorter than this (the last round of an answer, cut by its length) keep the plain graph: compiling
 # one costs seconds and saves little. Compilation is static (dynamic=False): with dynamic shapes the fused
 # rounds ran far slower on an H200.
