@@ -44,7 +44,14 @@ from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter
 from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
 from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.fast_drafters import FastEagle3Drafter, FastTokenAdapterDrafter
-from specalign.specdec.online import crop, forward_tokens, greedy_generate, run_prefill, speculative_generate
+from specalign.specdec.online import (
+    DraftContext,
+    crop,
+    forward_tokens,
+    greedy_generate,
+    run_prefill,
+    speculative_generate,
+)
 from specalign.specdec.online_eval import (
     Entry,
     Prepared,
@@ -185,6 +192,19 @@ def verify_cost(engine: StaticDecoder, spec: dict, widths, device: str, reps: in
     return out
 
 
+def warm_up(a, engine: StaticDecoder, drafters_, p: Prepared) -> None:
+    """Capture (and compile) every graph the timed runs can meet before any timing: the target's forwards of
+    1 .. max gamma + 1 tokens with each drafter's hidden layers, each drafter's rounds of 1 .. max gamma."""
+    for drafter, reads_response in drafters_.values():
+        layers = tuple(getattr(drafter, "target_layers", ()))
+        pre = run_prefill(engine, p.target_prefill, layers)
+        engine.warm(range(1, max(a.gammas) + 2), layers)
+        drafter.begin(DraftContext(p.target_prefill, p.draft.tokens if reads_response else None, pre.length,
+                                   pre.hidden))
+        for gamma in range(1, max(a.gammas) + 1):
+            drafter.propose(p.greedy.tokens[:1], gamma)
+
+
 def replay_run(a, engine, spec, drafter, reads_response: bool, gamma: int, greedy, draft_tokens, lengths, vocab):
     replay = ReplayDrafter(drafter, greedy, lengths, vocab)
     layers = getattr(drafter, "target_layers", ())
@@ -208,6 +228,7 @@ def measure(a, target, draft, engines, drafters_, trace, source) -> dict:
     greedy_generate(target.model, requests[0][0], 4)      # transformers' growing cache, eager: for scale
     costs["transformers_decode_s"] = model_costs([greedy_generate(target.model, requests[1][0], a.max_new_tokens)])[
         "decode_s"]
+    warm_up(a, engines["target"], drafters_, prepared[0])
     rows, runs_by = [], {}
     for name, (drafter, reads_response) in drafters_.items():
         for gamma in a.gammas:
