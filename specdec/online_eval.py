@@ -9,7 +9,9 @@ with each drafter:
   features, see specdec/online_drafters.py), and `no_draft` when given (or the TokenAdapter's
   draft-removed ablation).
 Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
-and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
+and the per-call costs. Both models decode on the engine `engine.*` selects (`use_engines`; by default the
+static engine of specdec/engine.py, with CUDA graphs and fused kernels on CUDA, the exported drafters' rounds
+on static shapes too), so every speedup is against plain greedy decoding on that same engine. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
 decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
 whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
 
