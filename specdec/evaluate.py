@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from specalign.data.store import FeatureStore
 from specalign.specdec import offline
+from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import write_report
 
 from specalign.errors import SpecalignError
@@ -70,7 +71,8 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
         logits_fns.update(lf)
         notes += n
     entries.update(offline.baseline_proposers(store))
-    tables = {name: offline.acceptances(rows, make, gammas, group=lambda r: r.duration)
+    rounds = {name: {} for name in entries}
+    tables = {name: offline.acceptances(rows, make, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
               for name, make in entries.items()}
     results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
@@ -80,7 +82,8 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
-              "drafter": drafter, "no_draft": no_draft, "results": results, "notes": notes}
+              "drafter": drafter, "no_draft": no_draft, "results": results, "notes": notes,
+              "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
     if temperature and store.has_hidden:
         report["sampling"] = {name: {"temperature": temperature, "expected_alpha":
                                      offline.expected_sampling_acceptance(store, rows, fn, temperature)}

@@ -45,15 +45,18 @@ def head_logits(store: FeatureStore, row: Row, model: str, heads: dict | None = 
 
 
 def acceptances(rows: Iterable[Row], make: Callable[[Row], Proposer], gammas: Sequence[int],
-                group: Callable[[Row], str | None] | None = None) -> dict[str, dict[int, Acceptance]]:
+                group: Callable[[Row], str | None] | None = None,
+                rounds_out: dict[int, list] | None = None) -> dict[str, dict[int, Acceptance]]:
     """{"all" | group: {gamma: Acceptance}}. Each row's proposer is built once (one drafter pass)
-    and serves every gamma and its group's table."""
+    and serves every gamma and its group's table. `rounds_out` collects {gamma: per row its rounds}."""
     tables: dict[str, dict[int, Acceptance]] = {}
     for row in rows:
         propose = make(row)
         keys = {"all"} | ({group(row)} if group and group(row) else set())
         for g in gammas:
             rounds = simulate_greedy(row.target_tokens, propose, g)
+            if rounds_out is not None:
+                rounds_out.setdefault(g, []).append(rounds)
             for k in keys:
                 tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(rounds)
     return tables

@@ -165,11 +165,14 @@ class Eagle3OnlineDrafter:
             self._keep("draft", forward_tokens(self.draft_model, self.draft_cache, new, self.draft_layers)[1])
             self.fed += len(new)
 
-    def propose(self, accepted: list[int], gamma: int) -> tuple[list[int], Tensor | None]:
+    def features(self, accepted: list[int]) -> Tensor:
+        """The fused feature rows of the accepted prefix: [p, fc_in]."""
         if self.draft_layers:
             self._feed_draft(accepted)
-        p = len(accepted)
-        features = fuse_features(lambda n: torch.cat(self.rows[n])[:p], self.names)     # [p, fc_in]
+        return fuse_features(lambda n: torch.cat(self.rows[n])[: len(accepted)], self.names)
+
+    def propose(self, accepted: list[int], gamma: int) -> tuple[list[int], Tensor | None]:
+        features = self.features(accepted)
         if self.sampling is None:
             return self.model.propose(features, accepted, gamma), None
         return sample_eagle3(self.model, features, list(accepted), gamma, self.sampling, self.generator)

@@ -9,7 +9,9 @@ with each drafter:
   features, see specdec/online_drafters.py), and `no_draft` when given (or the TokenAdapter's
   draft-removed ablation).
 Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
-and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
+and the per-call costs. Both models decode on the engine `engine.*` selects (`use_engines`; by default the
+static engine of specdec/engine.py, with CUDA graphs and fused kernels on CUDA, the exported drafters' rounds
+on static shapes too), so every speedup is against plain greedy decoding on that same engine. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
 decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
 whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
 
@@ -60,6 +62,8 @@ import torch
 from omegaconf import DictConfig
 from specalign.data.samples import Request
 from specalign.data.store import FeatureStore, Row
+from specalign.specdec.engine import StaticDecoder
+from specalign.specdec.fast_drafters import fast_drafter
 from specalign.specdec.metrics import Acceptance, first_run_matches
 from specalign.specdec.online import (
     Drafter,
@@ -69,9 +73,11 @@ from specalign.specdec.online import (
     Sampling,
     TokenListDrafter,
     greedy_generate,
+    make_engine,
     speculative_generate,
 )
 from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+from specalign.specdec.replay import rounds_trace
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
@@ -128,6 +134,20 @@ def requests_of_rows(rows: list[Row], samples: dict) -> list[Request]:
     return [Request(samples[r.sample_id], r.question_id, r.question) for r in rows]
 
 
+def engine_of(backend):
+    """The backend's model as the online engine decodes it: its `engine` (set by `use_engines`), else the model."""
+    return backend.engine if backend.engine is not None else backend.model
+
+
+def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int]) -> None:
+    """`engine.*` (kind static | dynamic, cuda_graphs, max_len) for both models; a static cache keeps room for
+    the answer and one verification of the largest gamma."""
+    e = cfg.get("engine") or {}
+    for b in backends:
+        b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + max(gammas) + 1, e.get("max_len"),
+                               e.get("cuda_graphs"), e.get("compile"))
+
+
 def prefill_spec(batch) -> dict:
     """The engine's prefill of a one-request Batch: prompt and pixel values, logits of the last position."""
     return {**batch.inputs, "logits_to_keep": 1}
@@ -135,15 +155,15 @@ def prefill_spec(batch) -> dict:
 
 def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos: dict) -> Prepared:
     tp, dp = prefill_spec(target.prepare([request])), prefill_spec(draft.prepare([request]))
-    return Prepared(row, tp, dp, greedy_generate(target.model, tp, max_new_tokens, eos["target"]),
-                    greedy_generate(draft.model, dp, max_new_tokens, eos["draft"]))
+    return Prepared(row, tp, dp, greedy_generate(engine_of(target), tp, max_new_tokens, eos["target"]),
+                    greedy_generate(engine_of(draft), dp, max_new_tokens, eos["draft"]))
 
 
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
     return {"raw_draft": Entry(TokenListDrafter(), lambda p: p.draft.tokens, reads_draft_response=True),
-            "draft_model": Entry(ModelDrafter(draft.model), lambda p: p.draft_prefill)}
+            "draft_model": Entry(ModelDrafter(engine_of(draft)), lambda p: p.draft_prefill)}
 
 
 def drafter_entries(path: str, draft, device, name: str | None = None,
@@ -159,7 +179,7 @@ def drafter_entries(path: str, draft, device, name: str | None = None,
         if model.config.condition_on_draft and allow_ablation:
             out["no_draft"] = Entry(TokenAdapterDrafter(model, keep_draft=False), lambda p: None)
         return out, []
-    drafter = Eagle3OnlineDrafter(model, draft.model)
+    drafter = Eagle3OnlineDrafter(model, engine_of(draft))
     notes = [f"'{name}': EAGLE-3 on {model.config.feature_names}; it proposes nothing in the first round."]
     if drafter.draft_layers:
         notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one draft "
@@ -182,7 +202,7 @@ def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
 
 def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
               sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
-    return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
+    return speculative_generate(engine_of(target), p.target_prefill, entry.drafter, gamma=gamma,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
                                 generator=generator, hidden_layers=entry.hidden_layers, request=entry.request(p))
 
@@ -326,7 +346,7 @@ def max_new_tokens_of(cfg: DictConfig, store: FeatureStore) -> int:
 def warm_up(target, draft, request: Request) -> None:
     """First calls pay one-off initialisation: keep it out of the measured costs."""
     for backend in (target, draft):
-        greedy_generate(backend.model, prefill_spec(backend.prepare([request])), 2)
+        greedy_generate(engine_of(backend), prefill_spec(backend.prepare([request])), 2)
 
 
 @dataclass
@@ -355,7 +375,11 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     requests = requests_of_rows(rows, load_samples(cfg, store))
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
+    use_engines(cfg, (target, draft), max_new, gammas)
     entries, notes = all_entries(cfg, draft)
+    if isinstance(target.engine, StaticDecoder):            # the static engine: drafters on static shapes too
+        graphs, fused = target.engine.cuda_graphs, target.engine.compile
+        entries = {name: replace(e, drafter=fast_drafter(e.drafter, graphs, fused)) for name, e in entries.items()}
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()
     sampled = sampling_entries(entries, sampling, generator) if sampling else {}
@@ -398,7 +422,9 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
               "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
-              "checks": checks, "notes": runs.notes + check_notes(checks)}
+              "checks": checks, "notes": runs.notes + check_notes(checks),
+              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
+                               for name, e in runs.entries.items()}}
     if runs.sampling:
         report["sampling_online"] = sampling_report(cfg, gammas, runs)
         report["notes"].append(sampling_note(runs))

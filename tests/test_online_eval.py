@@ -104,13 +104,17 @@ def test_online_greedy_output_is_the_target_greedy_output(online, which):
 
 @pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
 def test_online_acceptance_equals_offline_simulation(online, world, which):
+    """Per drafter and gamma: the same acceptance summary, and round for round the same accepted lengths
+    (`rounds_trace`, what bench/specdec.py replays), on the online static engine and offline."""
     cfg, runs = online[which]
-    on = online_report(cfg, GAMMAS, runs)["results"]
-    off = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)["results"]
+    on_report = online_report(cfg, GAMMAS, runs)
+    off_report = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)
+    on, off = on_report["results"], off_report["results"]
     assert set(on) <= set(off)
     for name in on:
         for g in map(str, GAMMAS):
             assert on[name][g] == off[name][g], (name, g)
+            assert on_report["rounds_trace"][name][g] == off_report["rounds_trace"][name][g], (name, g)
     assert on["drafter"]["2"]["accepted"] > 0, "the trained drafter should get drafts accepted"
 
 

@@ -201,6 +201,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.path = str(path) if path is not None else None
         self.quant = quant
+        self.engine = None   # what online decoding runs (a specdec.engine.StaticDecoder); None: the model itself
         self.text_config = model.config.get_text_config()
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
