@@ -465,6 +465,11 @@ class Eagle3Type(DrafterType):
     def online_inputs(self, model, draft_model, **options):
         return FeatureInputs(model.config.feature_names, draft_model)
 
+    def static_proposer(self, model, cuda_graphs, compile):
+        from specalign.specdec.fast_drafters import Eagle3Proposer
+
+        return Eagle3Proposer(model, cuda_graphs, compile)
+
     def vocab_info(self, model):
         c = model.config
         return {"target_vocab_size": c.vocab_size, "draft_vocab_size": c.draft_vocab_size,
@@ -494,8 +499,10 @@ class Eagle3Type(DrafterType):
                 "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.ttt_steps,
                                       "verifier_accept_k": 1, "accept_tolerance": 0.0}],
                 "default_proposal_method": "greedy",
-                "verifier": {"name_or_path": target.get("path"), "architectures": verifier_arch},
+                "verifier": {"name_or_path": extra.get("verifier") or target.get("path"),
+                         "architectures": verifier_arch},
             },
+            "source_store": extra.get("source_store"),   # the store it was trained on (specalign.identity)
         }
 
     def from_speculators(self, config: dict, state: dict) -> Eagle3Drafter:

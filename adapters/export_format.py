@@ -18,11 +18,11 @@ names the drafter type. `load_drafter` reads both and needs nothing but adapters
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from specalign.adapters.drafter_files import load_checked
 from specalign.adapters.registry import drafter_type, type_of
 from torch import nn
 
@@ -64,18 +64,15 @@ def save_drafter(model: nn.Module, out_dir: str | Path, extra: dict | None = Non
 
 def load_drafter(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A drafter directory (native or speculators) -> the module, in eval mode."""
-    path = Path(path)
-    cpath, wpath = path / "config.json", path / "model.safetensors"
-    for p in (cpath, wpath):
-        if not p.exists():
-            raise DataError(p, "missing from the drafter directory", "run `specalign export` to write one")
-    cfg = json.loads(cpath.read_text())
-    state = load_file(str(wpath))
-    if cfg.get("speculators_model_type"):
-        model = drafter_type(cfg["speculators_model_type"]).from_speculators(cfg, state)
-    elif cfg.get("format") == FORMAT and cfg.get("drafter_type"):
-        model = build_drafter(cfg["drafter_type"], cfg["config"])
-    else:
-        raise DataError(cpath, "not a specalign or speculators drafter config")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return load_checked(path, _build_from_files).to(device).eval()   # one-line errors for damaged files
+
+
+def _build_from_files(cfg: dict, state: dict) -> nn.Module:
+    kind = cfg.get("speculators_model_type") or (cfg.get("drafter_type") if cfg.get("format") == FORMAT else None)
+    if not kind:
+        raise ValueError("not a specalign or speculators drafter config")
+    try:
+        drafter = drafter_type(kind)
+    except DataError as e:
+        raise ValueError(e.problem) from None
+    return drafter.from_speculators(cfg, state) if cfg.get("speculators_model_type") else drafter.build(cfg["config"])

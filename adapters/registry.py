@@ -156,6 +156,10 @@ class DrafterType:
         """A fresh per-sequence reader of its inputs for the online engine (draft_model: EventGPT)."""
         return OnlineInputs()
 
+    def static_proposer(self, model: nn.Module, cuda_graphs: bool, compile: bool):
+        """Its greedy rounds on static shapes for the static engine (specdec/fast_drafters.py: `begin(context)`,
+        `propose(context, prefix, gamma) -> tokens`), or None (this default): `propose` runs eagerly."""
+
     # ---- export (adapters/export_format.py)
     def vocab_info(self, model: nn.Module) -> dict:
         return {"vocab_size": model.config.vocab_size}

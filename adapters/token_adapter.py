@@ -114,16 +114,18 @@ class Block(nn.Module):
         q, k, v = self._qkv(xd)
         return self._finish(xd, F.scaled_dot_product_attention(q, k, v, is_causal=True)), (k, v)
 
-    def target(self, xt, past=None, draft_kv=None, draft_mask=None, gate=None):
+    def target(self, xt, past=None, draft_kv=None, draft_mask=None, gate=None, self_mask=None):
         """Target segment: causal self-attention over (cached) target keys, plus the gated draft
-        attention. With `past`, xt holds exactly one new position."""
+        attention. With `past`, xt holds exactly one new position; `self_mask` [1, T_past + T] bool then
+        says which of the keys it may attend (a padded, static prefix; default: all)."""
         q, k, v = self._qkv(xt)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=past is None)
         if draft_kv is not None:
             mask = draft_mask[:, None, None, :]                                   # [B, 1, 1, m]
-            a = a + gate.view(-1, 1, 1, 1) * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
+            gate = gate.view(-1, 1, 1, 1).to(a.dtype)                             # has_draft is float32
+            a = a + gate * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
         return self._finish(xt, a), (k, v)
 
 
@@ -155,8 +157,8 @@ class TokenAdapter(nn.Module):
     def uses_copy(self) -> bool:
         return self.config.condition_on_draft and self.config.copy
 
-    def _embed(self, ids, start: int, segment: int):  # ids [B, T] -> [B, T, d]
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+    def _embed(self, ids, start, segment: int):  # ids [B, T] -> [B, T, d]; start: int, or positions [T]
+        pos = start if torch.is_tensor(start) else torch.arange(start, start + ids.shape[1], device=ids.device)
         return self.drop(self.tok(ids) + self.pos(pos) + self.seg.weight[segment])
 
     def encode_draft(self, draft, draft_len) -> DraftMemory:
@@ -172,14 +174,15 @@ class TokenAdapter(nn.Module):
         mask = (pos < draft_len[:, None]) | (pos == 0)
         return DraftMemory(kv, self.ln_d(xd) if self.uses_copy else xd, mask, draft)
 
-    def _decode(self, ids, start, memory, has_draft, past=None):
-        """Target segment ids [B, T] from position `start` -> (hidden [B, T, d], new per-layer cache)."""
+    def _decode(self, ids, start, memory, has_draft, past=None, self_mask=None):
+        """Target segment ids [B, T] from position `start` -> (hidden [B, T, d], new per-layer cache).
+        `self_mask`: see `Block.target`."""
         x = self._embed(ids, start, 1)
         cache = []
         for i, blk in enumerate(self.blocks):
             gate = torch.tanh(self.gate[i]) * has_draft if memory is not None else None
             x, kv = blk.target(x, past[i] if past else None, memory.kv[i] if memory else None,
-                               memory.mask if memory else None, gate)
+                               memory.mask if memory else None, gate, self_mask)
             cache.append(kv)
         return self.ln_f(x), cache
 
@@ -329,6 +332,11 @@ class TokenAdapterType(DrafterType):
 
     def online_inputs(self, model, draft_model, keep_draft: bool = True):
         return DraftResponse(keep_draft)
+
+    def static_proposer(self, model, cuda_graphs, compile):
+        from specalign.specdec.fast_drafters import TokenAdapterProposer
+
+        return TokenAdapterProposer(model, cuda_graphs, compile)
 
     def vocab_info(self, model):
         return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}

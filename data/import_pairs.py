@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig
-from specalign.data.store import StoreWriter, row_key, split_of
+from specalign.data.store import StoreWriter, is_store, row_key, split_of
 
 from specalign.errors import DataError
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 TARGET_PROMPT = "USER: <video>\n{question} ASSISTANT:"
@@ -85,7 +86,7 @@ def read_pairs(path: str | Path, vocab_size: int = 32000, fractions=(0.8, 0.1, 0
     return rows, source
 
 
-def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, target_name: str = "video-llava",
+def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, target_name: str = "video_llava",
                  draft_name: str = "eventgpt", fractions=(0.8, 0.1, 0.1), max_new_tokens: int | None = None,
                  shard_rows: int = 4096) -> Path:
     rows, source = read_pairs(src, vocab_size, fractions)
@@ -99,7 +100,7 @@ def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, targ
         "prompts": {"target": TARGET_PROMPT, "draft": DRAFT_PROMPT},
         "generation": {"do_sample": False, "max_new_tokens": gen},
     }
-    out = Path(out)
+    out = claim_output(out, "import-pairs", owned_if=is_store)   # the store's identity is its manifest
     if (out / "manifest.json").exists():
         old = json.loads((out / "manifest.json").read_text())
         if old.get("source", {}).get("sha256") not in (None, source["sha256"]):

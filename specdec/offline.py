@@ -100,14 +100,17 @@ def head_predictions(store: FeatureStore, rows: Sequence[Row], model: str) -> li
 
 
 def acceptances(rows: Sequence[Row], runs: Sequence[Runs], gammas: Sequence[int],
-                group: Callable[[Row], str | None] | None = None) -> dict[str, dict[int, Acceptance]]:
+                group: Callable[[Row], str | None] | None = None,
+                rounds_out: dict[int, list] | None = None) -> dict[str, dict[int, Acceptance]]:
     """{"all" | group: {gamma: Acceptance}} from each row's runs (one drafter pass serves every gamma
-    and the row's group table)."""
+    and the row's group table). `rounds_out` collects {gamma: per row its rounds}."""
     tables: dict[str, dict[int, Acceptance]] = {}
     for row, (run, cap) in zip(rows, runs):
         keys = {"all"} | ({group(row)} if group and group(row) else set())
         for g in gammas:
             rounds = rounds_from_runs(run, cap, len(row.target_tokens), g)
+            if rounds_out is not None:
+                rounds_out.setdefault(g, []).append(rounds)
             for k in keys:
                 tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(rounds)
     return tables

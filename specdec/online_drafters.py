@@ -10,6 +10,9 @@ model's one `propose` from the accepted prefix with a pick rule:
   distribution at the sampling temperature (and top-p) along its own drawn tokens, for speculative sampling;
   the engine's acceptance rule min(1, p/q) needs exactly those q, returned as [k, V] (EAGLE-3: zeros outside
   its draft vocabulary). `sampled` gives a copy in sampling mode that shares the weights.
+
+On the static engine, greedy rounds run on static shapes (one CUDA graph per round) where the type offers
+a proposer for it (`DrafterType.static_proposer`, specdec/fast_drafters.py); sampling keeps the eager path.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ class SampledPick:
 
 
 class OnlineDrafter:
-    """A drafter model in the engine; `inputs` makes a fresh per-sequence reader of its inputs."""
+    """A drafter model in the engine; `inputs` makes a fresh per-sequence reader of its inputs; `static`, a
+    static-shape proposer of its greedy rounds (or None: `propose` itself)."""
 
-    def __init__(self, model: nn.Module, inputs: Callable[[], OnlineInputs], pick: Pick = greedy):
+    def __init__(self, model: nn.Module, inputs: Callable[[], OnlineInputs], pick: Pick = greedy, static=None):
         self.model, self.make_inputs, self.pick = model, inputs, pick
+        self.static = static if pick is greedy else None
         self.inputs = inputs()
 
     @property
@@ -53,9 +58,14 @@ class OnlineDrafter:
 
     def begin(self, context: DraftContext) -> None:
         self.inputs.begin(context)
+        if self.static is not None:
+            self.static.begin(self.inputs.context([]))
 
     def propose(self, accepted: list[int], gamma: int) -> tuple[list[int], Tensor | None]:
-        return self.model.propose(self.inputs.context(accepted), accepted, gamma, self.pick)
+        context = self.inputs.context(accepted)
+        if self.static is not None:
+            return self.static.propose(context, accepted, gamma), None
+        return self.model.propose(context, accepted, gamma, self.pick)
 
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         self.inputs.observe(accepted_tokens, hidden)

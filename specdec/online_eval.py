@@ -10,7 +10,9 @@ with each drafter:
   `no_draft` when given (or the variant its type makes without the draft: the TokenAdapter's
   draft-removed ablation).
 Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
-and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
+and the per-call costs. Both models decode on the engine `engine.*` selects (`use_engines`; by default the
+static engine of specdec/engine.py, with CUDA graphs and fused kernels on CUDA, the exported drafters' rounds
+on static shapes too), so every speedup is against plain greedy decoding on that same engine. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
 decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
 whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
 
@@ -64,6 +66,7 @@ from specalign.adapters.registry import DRAFT_PREFILL, DRAFT_RESPONSE
 from specalign.data.samples import Request
 from specalign.data.store import FeatureStore, Row
 from specalign.specdec.drafters import report_drafters
+from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.metrics import Acceptance, first_run_matches
 from specalign.specdec.online import (
     Drafter,
@@ -73,9 +76,11 @@ from specalign.specdec.online import (
     Sampling,
     TokenListDrafter,
     greedy_generate,
+    make_engine,
     speculative_generate,
 )
 from specalign.specdec.online_drafters import OnlineDrafter
+from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
 from torch import Tensor
 
@@ -132,7 +137,7 @@ def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
     datasets = store.manifest.get("datasets") or ([store.manifest["data"]] if store.manifest.get("data") else [])
     if not datasets:
         raise DataError(store.root / "manifest.json", "no dataset recorded",
-                        "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
+                        "pass data=<conf/data entry> data.root=/path/to/the/dataset")
     samples = []
     for d in datasets:  # every dataset extracted into the store (e.g. 1 s and 500 ms clips)
         samples += load_recorded(d, store.manifest.get("questions"))
@@ -147,6 +152,20 @@ def requests_of_rows(rows: list[Row], samples: dict) -> list[Request]:
     return [Request(samples[r.sample_id], r.question_id, r.question) for r in rows]
 
 
+def engine_of(backend):
+    """The backend's model as the online engine decodes it: its `engine` (set by `use_engines`), else the model."""
+    return backend.engine if backend.engine is not None else backend.model
+
+
+def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int]) -> None:
+    """`engine.*` (kind static | dynamic, cuda_graphs, max_len) for both models; a static cache keeps room for
+    the answer and one verification of the largest gamma."""
+    e = cfg.get("engine") or {}
+    for b in backends:
+        b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + max(gammas) + 1, e.get("max_len"),
+                               e.get("cuda_graphs"), e.get("compile"))
+
+
 def prefill_spec(batch) -> dict:
     """The engine's prefill of a one-request Batch: prompt and pixel values, logits of the last position."""
     return {**batch.inputs, "logits_to_keep": 1}
@@ -154,30 +173,34 @@ def prefill_spec(batch) -> dict:
 
 def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos: dict) -> Prepared:
     tp, dp = prefill_spec(target.prepare([request])), prefill_spec(draft.prepare([request]))
-    return Prepared(row, tp, dp, greedy_generate(target.model, tp, max_new_tokens, eos["target"]),
-                    greedy_generate(draft.model, dp, max_new_tokens, eos["draft"]))
+    return Prepared(row, tp, dp, greedy_generate(engine_of(target), tp, max_new_tokens, eos["target"]),
+                    greedy_generate(engine_of(draft), dp, max_new_tokens, eos["draft"]))
 
 
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
     return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE),
-            DRAFT_MODEL: Entry(ModelDrafter(draft.model), DRAFT_PREFILL)}
+            DRAFT_MODEL: Entry(ModelDrafter(engine_of(draft)), DRAFT_PREFILL)}
 
 
-def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
-    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), then the baselines."""
+def all_entries(cfg: DictConfig, target, draft) -> tuple[dict[str, Entry], list[str]]:
+    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), then the baselines. On the static
+    engine the drafters' greedy rounds run on static shapes too, where their type offers it."""
     entries = {}
     drafters = report_drafters(cfg.drafter, cfg.no_draft, "online", cfg.device)
+    static = target.engine if isinstance(target.engine, StaticDecoder) else None
     for d in drafters:
-        drafter = OnlineDrafter(d.model, partial(d.kind.online_inputs, d.model, draft.model, **d.options))
+        inputs = partial(d.kind.online_inputs, d.model, engine_of(draft), **d.options)
+        fast = d.kind.static_proposer(d.model, static.cuda_graphs, static.compile) if static else None
+        drafter = OnlineDrafter(d.model, inputs, static=fast)
         entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
     return {**entries, **baseline_entries(draft)}, [n for d in drafters for n in d.notes]
 
 
 def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
               sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
-    return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
+    return speculative_generate(engine_of(target), p.target_prefill, entry.drafter, gamma=gamma,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
                                 generator=generator, hidden_layers=entry.hidden_layers, request=entry.request_of(p))
 
@@ -305,7 +328,7 @@ def max_new_tokens_of(cfg: DictConfig, store: FeatureStore) -> int:
 def warm_up(target, draft, request: Request) -> None:
     """First calls pay one-off initialisation: keep it out of the measured costs."""
     for backend in (target, draft):
-        greedy_generate(backend.model, prefill_spec(backend.prepare([request])), 2)
+        greedy_generate(engine_of(backend), prefill_spec(backend.prepare([request])), 2)
 
 
 @dataclass
@@ -321,18 +344,21 @@ class OnlineRuns:
 
 @torch.inference_mode()
 def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
+    from specalign.specdec.evaluate import check_drafters
     from specalign.vlms.registry import build_backends
 
     if not cfg.get("models"):
-        raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")
+        raise SpecalignError("online mode needs the models: models=<conf/models entry>, e.g. models=tiny")
     store = FeatureStore(cfg.store)
+    check_drafters(store, [cfg.drafter, cfg.no_draft], cfg.get("allow_store_mismatch", False))
     rows = store.select(cfg.split)[: cfg.limit or None]
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
     requests = requests_of_rows(rows, load_samples(cfg, store))
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
-    entries, notes = all_entries(cfg, draft)
+    use_engines(cfg, (target, draft), max_new, gammas)
+    entries, notes = all_entries(cfg, target, draft)
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()
     sampled = sampling_entries(entries, sampling, generator) if sampling else {}
@@ -375,7 +401,9 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
               "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
-              "checks": checks, "notes": runs.notes + check_notes(checks)}
+              "checks": checks, "notes": runs.notes + check_notes(checks),
+              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
+                               for name, e in runs.entries.items()}}
     if runs.sampling:
         report["sampling_online"] = sampling_report(cfg, gammas, runs)
         report["notes"].append(sampling_note(runs))

@@ -5,6 +5,7 @@ Structure of report.json:
     {"config": {...}, "store": {...manifest identity...}, "split": "test", "gammas": [..],
      "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
+     "rounds_trace": {name: {"<gamma>": [[accepted draft tokens of each round] per request]}},
      # online mode (specdec/online_eval.py):
      "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
                "draft": {prefill_s, decode_s, tokens_per_s},

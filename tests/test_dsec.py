@@ -156,8 +156,9 @@ def test_conf_data_entries(pristine):
     assert set(entries) >= {"synthetic_1s", "synthetic_500ms", "dsec_1s", "dsec_500ms"}
     for name in ("synthetic_1s", "synthetic_500ms", "dsec_1s", "dsec_500ms"):
         cfg = entries[name]
-        assert set(cfg) >= {"layout", "root", "duration", "questions", "limit"}
-        assert cfg.layout == name.split("_")[0] and cfg.duration == name.split("_")[1]
+        assert set(cfg) >= {"layout", "root", "duration", "allow_pickle", "questions", "limit"}
+        assert cfg.allow_pickle is False and cfg.duration == name.split("_")[1]
+        assert cfg.layout == name.split("_")[0]
     for name in ("synthetic_1s", "synthetic_500ms"):   # the synthetic JSON answers exactly these
         assert list(entries[name].questions) == captions.questions()
         assert entries[name].root.endswith(name)

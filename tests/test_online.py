@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from assisted import assisted_generate
 from specalign.specdec import online
-from specalign.specdec.assisted import assisted_generate
 from specalign.specdec.metrics import Acceptance, raw_draft_proposer, simulate_greedy
 from specalign.specdec.online import (
     ModelDrafter,

@@ -75,7 +75,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def online_config(world: dict, drafter: str, no_draft: str | None = None, *overrides: str):
-    return config("evaluate", f"store={world['store']}", "mode=online", "+models=tiny", "split=test",
+    return config("evaluate", f"store={world['store']}", "mode=online", "models=tiny", "split=test",
                   f"gamma=[{','.join(map(str, GAMMAS))}]", f"drafter={world[drafter]}", "out=unused",
                   f"no_draft={world[no_draft] if no_draft else 'null'}", *overrides)
 
@@ -105,13 +105,17 @@ def test_online_greedy_output_is_the_target_greedy_output(online, which):
 
 @pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
 def test_online_acceptance_equals_offline_simulation(online, world, which):
+    """Per drafter and gamma: the same acceptance summary, and round for round the same accepted lengths
+    (`rounds_trace`, what bench/specdec.py replays), on the online static engine and offline."""
     cfg, runs = online[which]
-    on = online_report(cfg, GAMMAS, runs)["results"]
-    off = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)["results"]
+    on_report = online_report(cfg, GAMMAS, runs)
+    off_report = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)
+    on, off = on_report["results"], off_report["results"]
     assert set(on) <= set(off)
     for name in on:
         for g in map(str, GAMMAS):
             assert on[name][g] == off[name][g], (name, g)
+            assert on_report["rounds_trace"][name][g] == off_report["rounds_trace"][name][g], (name, g)
     assert on["drafter"]["2"]["accepted"] > 0, "the trained drafter should get drafts accepted"
 
 
@@ -145,7 +149,7 @@ def test_target_as_its_own_drafter_is_always_accepted(world):
 def test_cli_writes_the_online_report(world, tmp_path):
     """Greedy results, costs and speedups, and (temperature=1.0) the speculative-sampling table."""
     out = tmp_path / "report"
-    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "+models=tiny",
+    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "models=tiny",
            f"store={world['store']}", f"drafter={world['token_adapter']}", "split=test", "limit=2", "gamma=[2,3]",
            "temperature=1.0", f"out={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}

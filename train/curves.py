@@ -85,5 +85,5 @@ def plot_runs(runs: dict[str, Series], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": "specalign plot"})  # io.claim_file
     return out

@@ -12,7 +12,9 @@ Worker processes (`num_workers>0`) hand each batch over through fresh shared mem
 costs more than the copy itself for feature rows.
 Training batches come from ResumableBatchSampler: their order is a function of (seed, epoch)
 only and a resumed run starts at the batch it stopped at, so a killed-then-resumed run sees the
-same data as an uninterrupted one.
+same data as an uninterrupted one. That position travels in the checkpoint as the DataModule's own
+state: Lightning restores it before anything builds the training loader (the scheduler's horizon,
+`estimated_stepping_batches`, builds it before the loops' state is restored).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import numpy as np
@@ -52,18 +54,23 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled batches; global batch g lives in epoch g // len(self), shuffled by seed + epoch.
 
     Iteration starts at global batch `start` and runs to the end of that epoch; the next
-    iteration starts the following epoch. Under DDP each rank takes its own slice of every
-    epoch's permutation (equal lengths on every rank)."""
+    iteration starts the following epoch. Given `position` (-> the global batch to start at), each
+    iteration asks it instead: Lightning may start an iteration and drop it (workers and the prefetch
+    thread take batches ahead), so only the training loop knows where the next one begins. Under DDP
+    each rank takes its own slice of every epoch's permutation (equal lengths on every rank)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 position: Callable[[], int] | None = None):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.per_rank = n // world
-        self.next = start
+        self.next, self.position = start, position
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.position is not None:
+            self.next = self.position()
         epoch, offset = divmod(self.next, len(self))
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         mine = perm[self.rank:: self.world][: self.per_rank]
@@ -131,6 +138,23 @@ class _StoreDataModule(L.LightningDataModule):
         for split, rows in ((train_split, self.train_rows), (val_split, self.val_rows)):
             if not rows:
                 raise DataError(self.root, f"the store has no rows in the {split!r} split")
+        self.resume_at: int | None = None    # global training batch a resumed run starts at
+
+    def taken(self) -> int:
+        """Training batches the loop has taken so far, over all epochs (a resumed run's included)."""
+        return self.trainer.fit_loop.epoch_loop.total_batch_idx + 1
+
+    def position(self) -> int:
+        """Global index of the next training batch. Lightning builds and first iterates the training loader
+        before it restores the loop's counters; until then they read 0, and the checkpoint's position
+        (restored earlier, with the DataModule) holds."""
+        return max(self.taken(), self.resume_at or 0)
+
+    def state_dict(self) -> dict:
+        return {"train_batches": self.taken()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = int(state["train_batches"])
 
     def dataset(self, rows: list[Row]) -> Dataset:
         raise NotImplementedError
@@ -145,9 +169,12 @@ class _StoreDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | Prefetcher:
         t = self.trainer
-        start = t.global_step * t.accumulate_grad_batches if t is not None else 0
+        if t is not None and t.ckpt_path and self.resume_at is None:
+            raise DataError(t.ckpt_path, "holds no training data position (written by an older version)",
+                            "start a new run; this one cannot be resumed exactly")
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(self.train_rows), self.batch_size, self.seed, start, rank, world)
+        sampler = ResumableBatchSampler(len(self.train_rows), self.batch_size, self.seed, 0, rank, world,
+                                        position=self.position if t is not None else None)
         loader = self._loader(self.train_rows, batch_sampler=sampler)
         return Prefetcher(loader, self.prefetch) if self.num_workers == 0 and self.prefetch > 0 else loader
 

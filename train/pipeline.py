@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from specalign.specdec.report import entry_label, is_baseline
 
-from specalign.io import write_json, write_text
+from specalign.io import claim_output, write_json, write_text
 from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
 
@@ -130,9 +130,10 @@ def export(run: Path, out: Path, fmt: str = "native") -> Path:
 
 
 def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
-    from specalign.specdec.evaluate import evaluate_offline
+    from specalign.specdec.evaluate import evaluate_identity, evaluate_offline
     from specalign.specdec.report import write_report
 
+    claim_output(out, "evaluate", evaluate_identity({"store": store, "drafter": drafter, "no_draft": no_draft}))
     report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
                               str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
     write_report(report, out)
@@ -140,12 +141,14 @@ def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Pat
 
 
 def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], out: Path) -> dict:
+    from specalign.specdec.evaluate import evaluate_identity
     from specalign.specdec.online_eval import evaluate_online as run_online
     from specalign.specdec.report import write_report
 
+    claim_output(out, "evaluate", evaluate_identity({"mode": "online", "store": store, "drafter": drafter}))
     cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
                                f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
-                               "+models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
+                               "models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
                                f"models.draft.path={pair[1]}"])  # the datasets are recorded in the store
     report = run_online(cfg, [int(P.evaluate.gammas[-1])])
     write_report(report, out)
@@ -195,7 +198,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
 def pipeline(cfg: DictConfig) -> dict:
     P = cfg.pipeline
     out, cache = Path(cfg.out), Path(cfg.cache)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "pipeline", {"pipeline": OmegaConf.to_container(P, resolve=True)})
     step = Steps(7)
 
     step("synthetic world")

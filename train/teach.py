@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from specalign.errors import DataError
-from specalign.io import write_json
+from specalign.io import claim_output, write_json
 from specalign.paths import CONF_DIR
 from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
@@ -361,6 +361,8 @@ def print_report(report: dict, show: int) -> None:
 @hydra_stage("teach")
 def main(cfg: DictConfig) -> dict:
     if cfg.out:
+        claim_output(cfg.out, "teach", {"world": str(Path(cfg.world).resolve()),
+                                        "teach": OmegaConf.to_container(cfg.teach, resolve=True)})
         target_dir, draft_dir = teach_pair(cfg.world, cfg.out, cfg.teach, cfg.parallel)
     else:
         target_dir, draft_dir = cached_teach(world_config(cfg.world), cfg.teach, cfg.cache_root, cfg.parallel)

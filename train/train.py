@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +33,8 @@ from specalign.train.curves import collect_metrics, load_metrics, plot_runs
 from specalign.train.datamodule import check_splits
 
 from specalign.errors import DataError
-from specalign.io import write_text
+from specalign.identity import run_identity
+from specalign.io import claim_output, write_text
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.train")
@@ -60,8 +61,14 @@ def run_scope(cfg: DictConfig) -> Iterator[None]:
                 os.environ["WANDB_MODE"] = mode
 
 
-class SaveLast(Callback):
-    """checkpoints/last.ckpt every `every` optimizer steps and when fitting ends."""
+class SaveLast(Checkpoint):
+    """checkpoints/last.ckpt every `every` optimizer steps, after every validation and when fitting ends.
+
+    A step that a validation follows (an epoch's last step, by default) is saved after that validation
+    instead: Lightning resumes a checkpoint written at such a step past the validation, so a kill right
+    after it would lose the validation and best.ckpt would differ from an uninterrupted run's. Lightning
+    runs Checkpoint callbacks after all others, in list order: listed after the ModelCheckpoint of
+    best.ckpt (which then saves at validation end too), this one saves that callback's updated state."""
 
     def __init__(self, path: Path, every: int):
         self.path, self.every, self.saved_at = path, every, -1
@@ -72,7 +79,13 @@ class SaveLast(Callback):
             self.saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer, *args):
-        if self.every > 0 and trainer.global_step % self.every == 0:
+        loop = trainer.fit_loop
+        if (self.every > 0 and trainer.global_step % self.every == 0
+                and not loop.epoch_loop._should_check_val_fx(loop._data_fetcher)):  # Lightning's own test
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module):
@@ -87,6 +100,11 @@ def run_dir(cfg: DictConfig) -> Path:
         if job.parent.resolve() == out.resolve():
             return job
     return out
+
+
+def is_run(path: Path) -> bool:
+    """A run directory written before ownership markers: its config and checkpoints."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
 def source_info(store: FeatureStore) -> dict:
@@ -140,11 +158,16 @@ def fit(cfg: DictConfig) -> float:
         raise DataError(run, "already holds a trained run",
                         "pass resume=true to continue it, or choose another out=")
     store = FeatureStore(cfg.store)
+    claim_output(run, "train", run_identity(store.manifest, cfg.adapter.kind), cfg.get("allow_store_mismatch"),
+                 is_run)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build(cfg, store)
     write_config(run, cfg)
+    # best.ckpt is decided at validation end (not at the epoch's end), so that SaveLast, right after it,
+    # writes last.ckpt with this validation counted
     best = ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/tau", mode="max",
-                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+                           save_on_train_epoch_end=False)
     trainer = L.Trainer(**cfg.trainer, logger=loggers(cfg, run), default_root_dir=run,
                         use_distributed_sampler=False,
                         callbacks=[best, SaveLast(last, cfg.checkpoint_every_n_steps),

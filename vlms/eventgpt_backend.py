@@ -72,27 +72,46 @@ class EventGPTBackend(HFBackend):
     @classmethod
     def from_pretrained(cls, path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
                         device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.bfloat16,
-                        quantize_head: bool = False, kv_cache: str = "static") -> EventGPTBackend:
+                        quantize_head: bool = False, kv_cache: str = "static", fallback_tokenizer=None
+                        ) -> EventGPTBackend:
         """EventGPT and its tokenizer from a local checkpoint directory.
 
         quant: "bf16" | "fp32" | "nf4". With nf4 the LLaMA decoder is 4-bit; the CLIP tower (unless
         `quantize_towers`), projector, feature adaptor and LM head (unless `quantize_head`) stay in
-        `compute_dtype`. kv_cache: see `HFBackend`.
+        `compute_dtype`. kv_cache: see `HFBackend`. Without tokenizer files beside the checkpoint,
+        `fallback_tokenizer` (the target's: the same LLaMA vocabulary) serves when config.json gives the BOS
+        and EOS ids it supplies and they agree (`draft_tokenizer`).
         """
-        from transformers import AutoTokenizer
-
         path = check_model_dir(path, "EventGPT")
         keep_dense = dense_modules(DENSE_MODULES, [TOWER], quantize_towers, quantize_head)
         model = load_pretrained(EventChatForCausalLM, path, quant, keep_dense, device, compute_dtype)
-        return cls(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
+        tokenizer = draft_tokenizer(path, model.config, fallback_tokenizer)
+        return cls(model, tokenizer, path=path, quant=quant, kv_cache=kv_cache)
 
     @classmethod
-    def from_config(cls, path: str, cfg: Mapping, device) -> EventGPTBackend:
-        """With the keys of a conf/models entry (vlms/registry.py)."""
-        return cls.from_pretrained(path, device=device, **load_options(cfg))
+    def from_config(cls, path: str, cfg: Mapping, device, fallback_tokenizer=None) -> EventGPTBackend:
+        """With the keys of a conf/models entry (vlms/registry.py); a tokenizer beside EventGPT is optional."""
+        return cls.from_pretrained(path, device=device, fallback_tokenizer=fallback_tokenizer, **load_options(cfg))
 
     @staticmethod
     def tiny_model(seed: int, tokenizer) -> torch.nn.Module:
         from specalign.vlms.tiny import tiny_draft
 
         return tiny_draft(seed, tokenizer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def draft_tokenizer(path: Path, config, fallback=None):
+    """The tokenizer beside the checkpoint, else `fallback` when the config's special ids match it."""
+    from transformers import AutoTokenizer
+
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or fallback is None:
+        return AutoTokenizer.from_pretrained(path)
+    ids = {k: getattr(config, f"{k}_token_id", None) for k in ("bos", "eos")}
+    theirs = {k: getattr(fallback, f"{k}_token_id", None) for k in ("bos", "eos")}
+    if None in ids.values() or ids != theirs:
+        raise DataError(path, f"no tokenizer beside the checkpoint, and its config.json's ids {ids} do not give "
+                        f"the target tokenizer's {theirs}", "copy the tokenizer files next to config.json")
+    return fallback

@@ -53,7 +53,9 @@ def build_backends(cfg: Mapping, device: str | torch.device | None = None) -> tu
         return _tiny_backends(cfg, device)
     out = []
     for role in ROLES:
-        backend = backend_class(kind_of(cfg, role), f"models.{role}.kind").from_config(_path(cfg, role), cfg, device)
+        cls = backend_class(kind_of(cfg, role), f"models.{role}.kind")
+        # a tokenizer beside the second model is optional: the first one's may serve (EventGPT's is LLaMA's)
+        backend = cls.from_config(_path(cfg, role), cfg, device, fallback_tokenizer=out[0].tokenizer if out else None)
         backend.role = role
         out.append(backend)
     return tuple(out)

@@ -72,8 +72,8 @@ class VideoLlavaBackend(HFBackend):
         return cls(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
 
     @classmethod
-    def from_config(cls, path: str, cfg: Mapping, device) -> VideoLlavaBackend:
-        """With the keys of a conf/models entry (vlms/registry.py)."""
+    def from_config(cls, path: str, cfg: Mapping, device, fallback_tokenizer=None) -> VideoLlavaBackend:
+        """With the keys of a conf/models entry (vlms/registry.py); its tokenizer is always in the checkpoint."""
         return cls.from_pretrained(path, load_image_tower=bool(cfg.get("load_image_tower", False)), device=device,
                                    **load_options(cfg))
 

@@ -6,6 +6,9 @@ factory with an instance attribute for the duration of one call; `prompt_lookup_
 switches `generate` into assisted decoding without an assistant model (the factory it would pick
 is the one shadowed).
 
+transformers 5.25 also asks the generator how many tokens it drafts per round (`num_drafting_tokens`,
+the recurrent states a cache keeps for rollback); the project pins transformers below 5.26.
+
 transformers reports, per round, `num_matches` after cutting the round at EOS and at max_new_tokens,
 i.e. `Round.generated - 1`: equal to `Round.accepted` in every round but possibly the last.
 """
@@ -28,6 +31,11 @@ class DrafterCandidates(CandidateGenerator):
         self.drafter, self.prompt_len, self.gamma, self.max_new_tokens = drafter, prompt_len, gamma, max_new_tokens
         self.seen = prompt_len           # sequence length the drafter has been told about
         self.accepts: list[int] = []     # num_matches per round
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Most tokens drafted per round (transformers sizes the cache's rollback record by it)."""
+        return self.gamma
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         accepted = input_ids[0, self.prompt_len:].tolist()                        # input_ids [1, L]
@@ -72,7 +80,3 @@ def assisted_generate(target, drafter: Drafter, inputs: dict, gamma: int, max_ne
                               prompt_lookup_num_tokens=gamma)
     return AssistedResult(out[0, prompt_len:].tolist(), candidates.accepts)
 
-
-def assisted_round_accepts(target, drafter: Drafter, inputs: dict, gamma: int, max_new_tokens: int,
-                           eos_token_id: int | Sequence[int] | None = None, request=None) -> list[int]:
-    return assisted_generate(target, drafter, inputs, gamma, max_new_tokens, eos_token_id, request).accepts
