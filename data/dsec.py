@@ -1,4 +1,4 @@
-"""Readers for the DSEC-clip layout (design.md, "Datasets on disk").
+"""Readers for the DSEC-clip layout (docs/design.md, "Datasets on disk").
 
     <root>/                       e.g. .../synthetic_1s or .../dsec_500ms
         <root.name>.json          rows {id, split, event_data, video_data, event_image: [...],

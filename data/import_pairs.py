@@ -1,6 +1,6 @@
 """`specalign import-pairs src=FILE.json out=STORE`: token-pair JSON -> tokens-only feature store.
 
-Accepted input (design.md, "Token-pair JSON"):
+Accepted input (docs/design.md, "Token-pair JSON"):
 
     {"questions": [...], "results": [{"sample_id", "query", "egpt_tokens", "egpt_text",
                                       "vl_tokens", "vl_text", ...}, ...]}
@@ -52,7 +52,7 @@ def read_pairs(path: str | Path, vocab_size: int = 32000, fractions=(0.8, 0.1, 0
         raise DataError(path, f"not valid JSON ({e})") from None
     results = doc.get("results") if isinstance(doc, dict) else None
     if not isinstance(results, list) or not results:
-        raise DataError(path, "expected an object with a non-empty 'results' list (design.md token-pair JSON)")
+        raise DataError(path, "expected an object with a non-empty 'results' list (docs/design.md token-pair JSON)")
     questions = list(doc.get("questions") or [])
     rows = []
     for i, r in enumerate(results):

@@ -1,6 +1,6 @@
 """The feature store: one directory per extraction (or import) run.
 
-Layout (design.md, "Feature store"):
+Layout (docs/design.md, "Feature store"):
 
     manifest.json            identity of both models, layers, dtype, prompts, generation, counts
     rows.parquet             one row per (sample, question): tokens, lengths, split, shard location

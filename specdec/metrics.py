@@ -1,6 +1,6 @@
 """The acceptance metrics: the one definition used by training, evaluation and reports.
 
-A greedy speculative round (design.md, "Acceptance metrics"): at accepted prefix length p
+A greedy speculative round (docs/design.md, "Acceptance metrics"): at accepted prefix length p
 the drafter proposes gamma tokens; the target accepts the longest prefix that matches its
 own greedy tokens r[p:], a tokens (0 <= a <= gamma), and adds one token of its own.
 

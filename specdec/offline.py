@@ -1,7 +1,7 @@
 """Offline simulation of greedy speculative decoding over a feature store.
 
 For greedy decoding the whole process is fixed by the target's greedy response r, so the
-rounds can be replayed exactly without the 7B target (design.md).
+rounds can be replayed exactly without the 7B target (docs/design.md).
 
 Every drafter is scored from its runs (specdec/metrics.py): at each position p, how many of the
 tokens it proposes from the prefix r[:p] the target accepts. A drafter's runs at every position of

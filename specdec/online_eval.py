@@ -16,25 +16,9 @@ on static shapes too), so every speedup is against plain greedy decoding on that
 decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
 whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
 
-Projected speedup (per-call costs are means over the requests). A round costs one target verification
-of gamma + 1 tokens, t_verify(gamma), plus the drafter's proposal, t_round (its measured mean per round,
-about gamma drafter steps), and yields tau tokens, which plain decoding makes in tau decode steps:
-
-    speedup     = tau * t_decode / (t_verify(gamma) + t_round)
-
-End to end, for the mean response length n, with the target prefill t_prefill and the drafter's
-per-sequence setup t_setup (its prefill; for drafters reading EventGPT's response, the whole
-free-running generation, counted as if run before the target):
-
-    speedup_e2e = (t_prefill + (n - 1) t_decode) / (t_prefill + t_setup + (n / tau) (t_verify(gamma) + t_round))
-
-Wall clock: tokens/s of the online runs (setup included) over those of plain target decoding.
-
-Prefill hiding: with both prefills started together (separate devices or streams), EventGPT has its
-first token when its prefill ends and one more per draft decode step, so when the target's prefill ends
-k = 1 + floor((t_prefill_target - t_prefill_draft) / t_draft_step) draft tokens exist (0 when the draft
-prefill is the slower), at most the draft response. The target verifies them in its first round and
-accepts the longest prefix equal to its own greedy response.
+Projected speedup, end-to-end speedup, wall clock and prefill hiding follow the cost model of
+docs/design.md ("Online decoding, the engine and the cost model"): `projected_speedup` and `prefill_hiding`
+below compute exactly those formulas from the per-call costs measured in the same run.
 
 Speculative sampling (`temperature=T`, optional `top_p`, `seed`): besides the greedy runs, every drafter
 also decodes every request with speculative sampling (`sampling_entries`: the same drafters in sampling

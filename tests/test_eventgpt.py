@@ -19,7 +19,7 @@ from transformers import CLIPVisionModel
 
 from specalign.errors import DataError
 
-# The released checkpoint's names (design.md, "The two VLMs"), literally.
+# The released checkpoint's names (docs/design.md, "The two VLMs"), literally.
 RELEASED_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.",
                      "model.visual_tower.visual_tower.vision_model.", "model.visual_projector.0.",
                      "model.visual_projector.2.", "model.feature_adaptor.")
