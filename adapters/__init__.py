@@ -1,1 +1,2 @@
-"""Adapters: the drafters (TokenAdapter, EAGLE-3 feature fusion) as plain torch modules."""
+"""Adapters: the drafter types, one module each (TokenAdapter, EAGLE-3 feature fusion), their shared
+interface and registry (adapters/registry.py) and the export format."""

@@ -20,16 +20,33 @@ rows 0..p-1 and then unrolls chain p-1 on its own hidden states and its own gree
 
 Draft vocabulary (EAGLE-3 / speculators): the `draft_vocab_size` most frequent target tokens,
 kept in id order; d2t[d] = target_id - d (so target_id = d + d2t[d]), t2d[t] = t is in it.
+
+The drafter type (adapters/registry.py) below the model: trained on store features (Eagle3Module,
+FeatureDataModule), online it gathers the same features from the engine and EventGPT
+(`FeatureInputs`), and it is exported in the native and in the speculators (vLLM) layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from specalign.adapters.registry import (
+    DRAFT_PREFILL,
+    ChainRuns,
+    DrafterType,
+    OnlineInputs,
+    Pick,
+    greedy,
+    register,
+    stacked,
+)
+from specalign.data.features import feature_name, parse_feature
+from specalign.data.store import FeatureStore
+from specalign.train.modules import DrafterModule, lengths_mask, masked_mean, topk_metrics
+from torch import Tensor, nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -37,6 +54,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+
+from specalign.errors import DataError, SpecalignError, StoreMismatch
 
 FEATURE_SOURCES = ("target", "draft", "both")
 
@@ -148,6 +167,8 @@ class Eagle3Drafter(nn.Module):
     """State-dict names follow the speculators layout: fc, layers.0.*, norm, lm_head,
     embed_tokens, d2t, t2d."""
 
+    kind = "eagle3"
+
     def __init__(self, config: Eagle3Config):
         super().__init__()
         c = self.config = config
@@ -173,62 +194,328 @@ class Eagle3Drafter(nn.Module):
         past.append(kv)
         return h, self.lm_head(self.norm(h))
 
-    def ttt(self, feats: torch.Tensor, tokens: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
-        """Training-time test. feats [B, T, fc_in] (row i), tokens [B, T] (r_i), right padded.
-        Returns per step k the logits [B, T, N] of every chain i, predicting r_{i+k+1}."""
-        steps = self.config.ttt_steps if steps is None else steps
+    def _unroll(self, feats: Tensor, tokens: Tensor, steps: int) -> Iterator[Tensor]:
+        """The TTT passes one by one: step k's logits [B, T, N] (see `ttt`)."""
         T = tokens.shape[1]
         dev = tokens.device
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         diag = torch.eye(T, dtype=torch.bool, device=dev)
         pos = torch.arange(T, device=dev)[None]
         hidden = self.fc(feats.to(self.fc.weight.dtype))
-        past, out = [], []
+        past = []
         for k in range(steps):
             ids = F.pad(tokens[:, k:], (0, k))                          # chain i reads r_{i+k}
             mask = torch.cat([causal] + [diag] * k, 1)                  # [T, (k+1) T]
             hidden, logits = self.step(ids, hidden, pos + k, past, mask)
-            out.append(logits)
+            yield logits
+
+    def ttt(self, feats: Tensor, tokens: Tensor, steps: int | None = None) -> list[Tensor]:
+        """Training-time test. feats [B, T, fc_in] (row i), tokens [B, T] (r_i), right padded.
+        Returns per step k the logits [B, T, N] of every chain i, predicting r_{i+k+1}."""
+        return list(self._unroll(feats, tokens, self.config.ttt_steps if steps is None else steps))
+
+    def target_logits(self, logits: Tensor) -> Tensor:
+        """Draft-vocabulary logits [..., N] -> [..., V_target], -inf outside the draft vocabulary."""
+        out = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        out[..., self.to_target(torch.arange(logits.shape[-1], device=logits.device))] = logits
         return out
 
     @torch.no_grad()
-    def logits(self, features: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-        """Teacher-forced step-0 distributions of one response, row j for r_j: [n, V_t]
-        log-probabilities over the target vocabulary, -inf outside the draft vocabulary.
-        Row 0 is -inf everywhere: r_0 is the target's own first token (see `propose`)."""
-        n, c = len(tokens), self.config
-        out = torch.full((n, c.vocab_size), float("-inf"), device=self.fc.weight.device)
-        if n > 1:
-            ids = torch.as_tensor(list(tokens[: n - 1]), dtype=torch.long, device=out.device)[None]
-            lp = self.ttt(features[None, : n - 1].to(out.device), ids, 1)[0][0].float().log_softmax(-1)
-            out[1:, self.to_target(torch.arange(c.draft_vocab_size, device=out.device))] = lp  # chain j-1
-        return out
+    def next_logprobs(self, batch: dict) -> Tensor:
+        """A feature batch (tokens [B, T], feats [B, T, fc_in]) -> teacher-forced step-0 log-probabilities
+        [B, T, V_target], row j for r_j (chain j-1), -inf outside the draft vocabulary. Row 0 is -inf
+        everywhere: r_0 is the target's own first token (see `propose`)."""
+        tokens = batch["tokens"]
+        lp = next(self._unroll(batch["feats"], tokens, 1)).float().log_softmax(-1)     # [B, T, N]
+        return F.pad(self.target_logits(lp)[:, :-1], (0, 0, 1, 0), value=float("-inf"))
 
     @torch.no_grad()
-    def propose(self, features: torch.Tensor, tokens: Sequence[int], gamma: int) -> list[int]:
-        """Greedy drafting inside one round from the accepted prefix r_0..r_{p-1} (p = len(tokens)).
+    def chain_runs(self, batch: dict, depth: int) -> ChainRuns:
+        """The TTT unroll is the in-round unrolling: step k of chain i reads r_{i+k}, which is the
+        drafter's own step-(k-1) token for as long as the chain is accepted, so `depth` batched passes
+        give every round. The chain of prefix p is chain p - 1; p = 0 proposes nothing."""
+        tokens, length = batch["tokens"], batch["length"]                              # [B, T], [B]
+        B, T = tokens.shape
+        running = torch.ones(B, T, dtype=torch.bool, device=tokens.device)           # chain i accepted so far
+        run = torch.zeros(B, T, dtype=torch.long, device=tokens.device)
+        for k, logits in enumerate(self._unroll(batch["feats"], tokens, max(1, min(depth, T - 1)))):
+            hit = self.to_target(logits[:, : T - k - 1].argmax(-1)) == tokens[:, k + 1:]   # chain i -> r_{i+k+1}
+            running &= F.pad(hit, (0, k + 1), value=False)
+            run += running
+        run = F.pad(run[:, :-1], (1, 0))                                               # position p: chain p-1
+        cap = torch.full_like(run, depth).index_fill_(1, torch.tensor([0], device=run.device), 0)
+        return ChainRuns(run.minimum(length[:, None] - torch.arange(T, device=run.device)).clamp_min(0), cap, length)
+
+    @torch.no_grad()
+    def propose(self, features: Tensor, tokens: Sequence[int], gamma: int,
+                pick: Pick = greedy) -> tuple[list[int], Tensor | None]:
+        """One round from the accepted prefix r_0..r_{p-1} (p = len(tokens)), each token chosen by `pick`
+        from the logits over the target vocabulary (-inf outside the draft vocabulary).
 
         features: the fused rows of this response (`fuse_features`), at least p of them; only
         rows 0..p-1 (known once r_{p-1} is accepted) are read. Returns gamma target ids for
-        r_p, r_{p+1}, ... With p = 0 there is no accepted token to embed: returns [] (the
-        round then yields the target's own first token, as EAGLE's prefill does)."""
+        r_p, r_{p+1}, ... and q (None when greedy). With p = 0 there is no accepted token to embed:
+        returns [] (the round then yields the target's own first token, as EAGLE's prefill does)."""
         p = len(tokens)
         if p == 0 or gamma <= 0:
-            return []
+            return [], None
         dev = self.fc.weight.device
         feats = features[:p].to(dev, self.fc.weight.dtype)[None]          # [1, p, fc_in]
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
         causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
-        past, out = [], []
+        past, out, qs = [], [], []
         hidden, logits = self.step(ids, self.fc(feats), torch.arange(p, device=dev)[None], past, causal)
         hidden, logits = hidden[:, -1:], logits[:, -1:]                     # chain p-1
         for k in range(1, gamma + 1):
-            tok = self.to_target(logits.argmax(-1))                           # [1, 1]
-            out.append(int(tok))
+            tok, q = pick(self.target_logits(logits[0, -1].float()))
+            out.append(tok)
+            qs.append(q)
             if k < gamma:
-                hidden, logits = self.step(tok, hidden, torch.tensor([[p - 1 + k]], device=dev), past, None)
-        return out
+                hidden, logits = self.step(torch.tensor([[tok]], device=dev), hidden,
+                                           torch.tensor([[p - 1 + k]], device=dev), past, None)
+        return out, stacked(qs)
 
     def num_params(self) -> int:
         """Trainable parameters (the frozen target embeddings excluded)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def token_counts(store: FeatureStore, split: str, vocab_size: int) -> Tensor:
+    toks = [t for r in store.select(split) for t in r.target_tokens]
+    return torch.bincount(torch.tensor(toks, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+
+
+class Eagle3Module(DrafterModule):
+    """Soft cross-entropy to the target's distribution restricted to the draft vocabulary
+    (teacher logits = target.final @ target.lm_head[draft ids].T, recomputed here), summed over
+    TTT steps with weight ttt_decay^k, on response rows only (padding masked)."""
+
+    kind = "eagle3"
+
+    @torch.no_grad()
+    def init_from_store(self, store: FeatureStore, split: str) -> None:
+        """Draft vocabulary from the split's token frequencies; the target's embeddings (frozen)
+        and LM head rows (teacher, and the drafter head's starting point)."""
+        m, c = self.model, self.model.config
+        heads = store.heads()
+        embed, head = heads["target.embed_tokens"], heads["target.lm_head"]
+        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != embed.shape:
+            raise StoreMismatch(f"{store.root}: target heads are {tuple(head.shape)}/{tuple(embed.shape)}, "
+                                f"the drafter expects {(c.vocab_size, c.hidden_size)}")
+        d2t, t2d = build_vocab_maps(token_counts(store, split, c.vocab_size), c.draft_vocab_size)
+        m.d2t.copy_(d2t)
+        m.t2d.copy_(t2d)
+        m.embed_tokens.weight.copy_(embed)
+        self.register_buffer("teacher_head", head[torch.arange(c.draft_vocab_size) + d2t].clone(), persistent=False)
+        m.lm_head.weight.copy_(self.teacher_head)
+
+    def losses(self, batch, train):
+        m, c = self.model, self.model.config
+        tokens = batch["tokens"]                                                  # [B, T]
+        T = tokens.shape[1]
+        valid = lengths_mask(batch["length"], T)
+        with torch.no_grad():                                                     # row j predicts r_j
+            teacher = (batch["final"].to(self.teacher_head.dtype) @ self.teacher_head.T).float().softmax(-1)
+        out = {"loss": 0.0}
+        steps = max(1, min(c.ttt_steps, T - 1))
+        for k, logits in enumerate(m.ttt(batch["feats"], tokens, steps)):
+            mask = valid[:, k + 1:]                                               # chain i -> r_{i+k+1}
+            labels, lg = tokens[:, k + 1:], logits[:, : T - k - 1]                # lg [B, T-k-1, N]
+            ce = F.cross_entropy(lg.flatten(0, 1).float(), teacher[:, k + 1:].flatten(0, 1), reduction="none")
+            loss_k = masked_mean(ce.view_as(labels), mask)
+            out["loss"] = out["loss"] + c.ttt_decay ** k * loss_k
+            out[f"acc_{k}"] = masked_mean((m.to_target(lg.argmax(-1)) == labels).float(), mask)
+            if k == 0:
+                out.update(topk_metrics(lg, labels, mask, m.to_target), loss_0=loss_k)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- online
+
+class FeatureInputs(OnlineInputs):
+    """EAGLE-3 online, on the features of the accepted prefix, row j being the hidden state at the
+    position that predicts r_j (vlms/alignment.py), as in the feature store:
+    - target features come from the engine: the prompt's last position from `begin`, then one row per
+      token that enters the target cache from `observe` (the engine runs with `hidden_layers`);
+    - draft features (feature_source draft/both) come from EventGPT run teacher-forced on the accepted
+      prefix through its own KV cache: `begin` runs its prefill (the engine's request is the draft
+      prefill), each `context` feeds the tokens accepted since the last round but the newest one. The
+      accepted prefix only grows, so the cache is never rolled back; the cost is one draft forward of
+      about tau tokens per round, timed as part of the drafting.
+    Features are rounded to `feature_dtype`, the feature store's dtype the drafter was trained on."""
+
+    request = DRAFT_PREFILL
+
+    def __init__(self, names: Sequence[str], draft_model=None, feature_dtype: torch.dtype = torch.bfloat16):
+        self.names, self.draft_model, self.feature_dtype = list(names), draft_model, feature_dtype
+        self.layers = {n: online_layer(n) for n in self.names}
+        self.hidden_layers = self._layers_of("target")
+        self.draft_layers = self._layers_of("draft")
+        if self.draft_layers and draft_model is None:
+            raise SpecalignError(f"this EAGLE-3 drafter reads draft features {self.names}: give the draft model")
+
+    def _layers_of(self, source: str) -> list[int]:
+        return [layer for model, layer in self.layers.values() if model == source]
+
+    def _keep(self, source: str, hidden: dict[int, Tensor]) -> None:
+        for name, (model, layer) in self.layers.items():
+            if model == source:
+                self.rows[name].append(hidden[layer].to(self.feature_dtype))
+
+    def begin(self, context) -> None:
+        from specalign.specdec.online import run_prefill
+
+        self.rows: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        self._keep("target", {i: h[-1:] for i, h in (context.hidden or {}).items()})
+        if self.draft_layers:
+            pre = run_prefill(self.draft_model, context.request, self.draft_layers)
+            self.draft_cache, self.fed = pre.cache, 0       # response tokens in the draft cache
+            self._keep("draft", {i: h[-1:] for i, h in pre.hidden.items()})
+
+    def _feed_draft(self, accepted: list[int]) -> None:
+        """Draft rows up to the one predicting the newest accepted token: feed r[fed : p - 1]."""
+        from specalign.specdec.online import forward_tokens
+
+        new = accepted[self.fed: len(accepted) - 1]
+        if new:
+            self._keep("draft", forward_tokens(self.draft_model, self.draft_cache, new, self.draft_layers)[1])
+            self.fed += len(new)
+
+    def context(self, accepted: list[int]) -> Tensor:
+        """The fused rows of the accepted prefix: [p, fc_in]."""
+        if self.draft_layers:
+            self._feed_draft(accepted)
+        return fuse_features(lambda n: torch.cat(self.rows[n])[: len(accepted)], self.names)
+
+    def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
+        if hidden:
+            self._keep("target", hidden)
+
+
+def online_layer(name: str) -> tuple[str, int]:
+    """'target.h4' -> ('target', 4): online, only captured decoder-layer inputs can be read."""
+    model, layer = parse_feature(name)
+    if layer is None:
+        raise SpecalignError(f"online EAGLE-3 reads captured decoder-layer inputs ('target.hN' / 'draft.hN'), "
+                             f"not {name!r}")
+    return model, layer
+
+
+# ---------------------------------------------------------------------------------------------- the type
+
+@register
+class Eagle3Type(DrafterType):
+    kind = "eagle3"
+    model_class, config_class, module_class = Eagle3Drafter, Eagle3Config, Eagle3Module
+
+    def configure(self, adapter: dict, store: FeatureStore, split: str) -> Eagle3Config:
+        if not store.has_hidden:
+            raise DataError(store.root, "EAGLE-3 training needs hidden states, this is a tokens-only store",
+                            "use a store written by `specalign extract`")
+        a, target = adapter, store.manifest["target"]
+        H, V = target["hidden_size"], target["vocab_size"]
+        sources = ["target", "draft"] if a["feature_source"] == "both" else [a["feature_source"]]
+        names = [n for s in sources for n in store.feature_names(s)[:3]]   # low/mid/high, not final
+        row = store.select(split)[0]
+        heads = a["num_attention_heads"] or max(1, H // 128)
+        return Eagle3Config(
+            hidden_size=H, intermediate_size=a["intermediate_size"] or 11008 * H // 4096,
+            num_attention_heads=heads, num_key_value_heads=a["num_key_value_heads"] or heads,
+            rms_norm_eps=a["rms_norm_eps"], rope_theta=a["rope_theta"], vocab_size=V,
+            draft_vocab_size=min(a["draft_vocab_size"], V), feature_source=a["feature_source"],
+            feature_names=names, fc_in_features=sum(store.hidden(row, n).shape[-1] for n in names),
+            aux_layer_ids=store.layers("target"), ttt_steps=a["ttt_steps"], ttt_decay=a["ttt_decay"])
+
+    def data_module(self, store: str, config: Eagle3Config, **loader):
+        from specalign.train.datamodule import FeatureDataModule
+
+        return FeatureDataModule(store, config.feature_names, **loader)
+
+    def batch(self, model, store, rows, **options):
+        """tokens [B, T], length [B], feats [B, T, fc_in] (zero padded): what `chain_runs` and
+        `next_logprobs` read of a training batch."""
+        from specalign.train.datamodule import PAD_ID, pad
+
+        names = model.config.feature_names
+        return {"tokens": pad([torch.tensor(r.target_tokens, dtype=torch.long) for r in rows], PAD_ID),
+                "length": torch.tensor([len(r.target_tokens) for r in rows]),
+                "feats": pad([fuse_features(lambda n, r=r: store.hidden(r, n), names) for r in rows])}
+
+    def check_store(self, model, store) -> None:
+        names = model.config.feature_names
+        parsed = [parse_feature(n) for n in names]
+        missing = [n for n, (m, layer) in zip(names, parsed) if layer is not None and layer not in store.layers(m)]
+        if not store.has_hidden or missing:
+            raise StoreMismatch(f"{store.root}: this EAGLE-3 drafter reads {names}, which the store does not "
+                                "have; evaluate it on a store from `specalign extract` with the same models")
+
+    def notes(self, model, name, mode):
+        c = model.config
+        if mode == "offline":
+            return [(f"'{name}': EAGLE-3 on {c.feature_source} features; its first round of each response "
+                     "proposes nothing (no accepted token to embed yet), as EAGLE's prefill.")]
+        notes = [f"'{name}': EAGLE-3 on {c.feature_names}; it proposes nothing in the first round."]
+        if any(parse_feature(n)[0] == "draft" for n in c.feature_names):
+            notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one "
+                         "draft forward over the newly accepted tokens per round (inside its drafting time).")
+        return notes
+
+    def online_inputs(self, model, draft_model, **options):
+        return FeatureInputs(model.config.feature_names, draft_model)
+
+    def static_proposer(self, model, cuda_graphs, compile):
+        from specalign.specdec.fast_drafters import Eagle3Proposer
+
+        return Eagle3Proposer(model, cuda_graphs, compile)
+
+    def vocab_info(self, model):
+        c = model.config
+        return {"target_vocab_size": c.vocab_size, "draft_vocab_size": c.draft_vocab_size,
+                "maps": "d2t (int64 [draft], target = draft + d2t[draft]) and t2d (bool [target]) "
+                        "in model.safetensors"}
+
+    def to_speculators(self, model, extra: dict) -> dict:
+        """The speculators/vLLM config.json of an EAGLE-3 drafter fed by target features."""
+        c = model.config
+        if c.feature_source != "target":
+            raise SpecalignError("the speculators format holds EAGLE-3 drafters with feature_source=target only")
+        layer = c.llama_config().to_diff_dict()
+        layer.pop("transformers_version", None)
+        layer.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=c.rope_theta)
+        target = extra.get("source_store", {}).get("identity", {}).get("target") or {}
+        verifier_arch = target.get("architectures", ["VideoLlavaForConditionalGeneration"])
+        return {
+            "architectures": ["Eagle3Speculator"],
+            "speculators_model_type": "eagle3",
+            "transformer_layer_config": layer,
+            "draft_vocab_size": c.draft_vocab_size,
+            "norm_before_residual": c.norm_before_residual,
+            "target_hidden_size": None,
+            "eagle_aux_hidden_state_layer_ids": list(c.aux_layer_ids),
+            "speculators_config": {
+                "algorithm": "eagle3",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.ttt_steps,
+                                      "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                "default_proposal_method": "greedy",
+                "verifier": {"name_or_path": extra.get("verifier") or target.get("path"),
+                         "architectures": verifier_arch},
+            },
+            "source_store": extra.get("source_store"),   # the store it was trained on (specalign.identity)
+        }
+
+    def from_speculators(self, config: dict, state: dict) -> Eagle3Drafter:
+        layer = config["transformer_layer_config"]
+        theta = layer.get("rope_theta", (layer.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        ids = list(config["eagle_aux_hidden_state_layer_ids"])
+        return Eagle3Drafter(Eagle3Config(
+            hidden_size=layer["hidden_size"], intermediate_size=layer["intermediate_size"],
+            num_attention_heads=layer["num_attention_heads"],
+            num_key_value_heads=layer.get("num_key_value_heads", layer["num_attention_heads"]),
+            rms_norm_eps=layer["rms_norm_eps"], rope_theta=theta,
+            max_position_embeddings=layer["max_position_embeddings"], vocab_size=layer["vocab_size"],
+            draft_vocab_size=config["draft_vocab_size"], feature_source="target",
+            feature_names=[feature_name("target", i) for i in ids], fc_in_features=state["fc.weight"].shape[1],
+            aux_layer_ids=ids, norm_before_residual=config["norm_before_residual"],
+            ttt_steps=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]))

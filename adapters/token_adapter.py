@@ -21,6 +21,10 @@ Draft conditioning is built so that it cannot hurt:
 - copy: a pointer over the draft tokens, mixed into the output distribution with
   lambda = sigmoid(w.h + b), b = -6 at init (lambda ~ 0.0025).
 `condition_on_draft=False` builds the same model without the draft path: the ablation.
+
+The drafter type (adapters/registry.py) below the model: trained on token pairs (TokenAdapterModule:
+teacher-forced cross-entropy with draft dropout), online it reads EventGPT's response (`DraftResponse`),
+and the same weights without the draft are its `no_draft` variant.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from specalign.adapters.registry import (
+    DRAFT_RESPONSE,
+    ChainRuns,
+    DrafterType,
+    OnlineInputs,
+    Pick,
+    Variant,
+    greedy,
+    register,
+    stacked,
+)
+from specalign.specdec.metrics import match_runs
+from specalign.train.modules import DrafterModule, lengths_mask, masked_mean, topk_metrics
+from torch import Tensor, nn
 
 COPY_GATE_BIAS = -6.0
 
@@ -97,20 +114,24 @@ class Block(nn.Module):
         q, k, v = self._qkv(xd)
         return self._finish(xd, F.scaled_dot_product_attention(q, k, v, is_causal=True)), (k, v)
 
-    def target(self, xt, past=None, draft_kv=None, draft_mask=None, gate=None):
+    def target(self, xt, past=None, draft_kv=None, draft_mask=None, gate=None, self_mask=None):
         """Target segment: causal self-attention over (cached) target keys, plus the gated draft
-        attention. With `past`, xt holds exactly one new position."""
+        attention. With `past`, xt holds exactly one new position; `self_mask` [1, T_past + T] bool then
+        says which of the keys it may attend (a padded, static prefix; default: all)."""
         q, k, v = self._qkv(xt)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=past is None)
         if draft_kv is not None:
             mask = draft_mask[:, None, None, :]                                   # [B, 1, 1, m]
-            a = a + gate.view(-1, 1, 1, 1) * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
+            gate = gate.view(-1, 1, 1, 1).to(a.dtype)                             # has_draft is float32
+            a = a + gate * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
         return self._finish(xt, a), (k, v)
 
 
 class TokenAdapter(nn.Module):
+    kind = "token_adapter"
+
     def __init__(self, config: TokenAdapterConfig):
         super().__init__()
         c = self.config = config
@@ -136,8 +157,8 @@ class TokenAdapter(nn.Module):
     def uses_copy(self) -> bool:
         return self.config.condition_on_draft and self.config.copy
 
-    def _embed(self, ids, start: int, segment: int):  # ids [B, T] -> [B, T, d]
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+    def _embed(self, ids, start, segment: int):  # ids [B, T] -> [B, T, d]; start: int, or positions [T]
+        pos = start if torch.is_tensor(start) else torch.arange(start, start + ids.shape[1], device=ids.device)
         return self.drop(self.tok(ids) + self.pos(pos) + self.seg.weight[segment])
 
     def encode_draft(self, draft, draft_len) -> DraftMemory:
@@ -153,14 +174,15 @@ class TokenAdapter(nn.Module):
         mask = (pos < draft_len[:, None]) | (pos == 0)
         return DraftMemory(kv, self.ln_d(xd) if self.uses_copy else xd, mask, draft)
 
-    def _decode(self, ids, start, memory, has_draft, past=None):
-        """Target segment ids [B, T] from position `start` -> (hidden [B, T, d], new per-layer cache)."""
+    def _decode(self, ids, start, memory, has_draft, past=None, self_mask=None):
+        """Target segment ids [B, T] from position `start` -> (hidden [B, T, d], new per-layer cache).
+        `self_mask`: see `Block.target`."""
         x = self._embed(ids, start, 1)
         cache = []
         for i, blk in enumerate(self.blocks):
             gate = torch.tanh(self.gate[i]) * has_draft if memory is not None else None
             x, kv = blk.target(x, past[i] if past else None, memory.kv[i] if memory else None,
-                               memory.mask if memory else None, gate)
+                               memory.mask if memory else None, gate, self_mask)
             cache.append(kv)
         return self.ln_f(x), cache
 
@@ -184,6 +206,8 @@ class TokenAdapter(nn.Module):
         """-> (memory or None, has_draft [B] float) for a batch of drafts."""
         if not self.config.condition_on_draft:
             return None, None
+        if keep is not None and not self.training and not keep.any():
+            return None, None      # no row reads its draft (the ablation): the same numbers, without encoding it
         if draft.shape[1] == 0:
             draft = draft.new_zeros(draft.shape[0], 1)
         has = (draft_len > 0) if keep is None else (draft_len > 0) & keep
@@ -202,26 +226,47 @@ class TokenAdapter(nn.Module):
         return self._logprobs(h, memory, has)
 
     @torch.no_grad()
-    def propose(self, draft_tokens: Sequence[int], prefix: Sequence[int], gamma: int) -> list[int]:
-        """Greedy drafting inside one round: `gamma` tokens following the accepted target prefix
-        r_0..r_{p-1}, given the draft model's whole free-running response."""
+    def propose(self, draft_tokens: Sequence[int] | None, prefix: Sequence[int], gamma: int,
+                pick: Pick = greedy) -> tuple[list[int], Tensor | None]:
+        """One round: `gamma` tokens following the accepted target prefix r_0..r_{p-1}, given the draft
+        model's whole free-running response (None or []: without the draft), each chosen by `pick` from
+        the log-probabilities at its position. -> (tokens, q [k, V] or None)."""
         c = self.config
         gamma = min(gamma, c.max_len - len(prefix))
         if gamma <= 0:
-            return []
+            return [], None
         dev = self.head.weight.device
-        draft = list(draft_tokens)[: c.max_len]
+        draft = list(draft_tokens or [])[: c.max_len]
         memory, has = self._memory(torch.tensor([draft], dtype=torch.long, device=dev).view(1, -1),
                                    torch.tensor([len(draft)], device=dev), None)
         ids = torch.tensor([[c.sep_id, *prefix]], dtype=torch.long, device=dev)
-        out, past, start = [], None, 0
+        out, qs, past, start = [], [], None, 0
         for _ in range(gamma):
             h, past = self._decode(ids, start, memory, has, past)
-            tok = int(self._logprobs(h[:, -1:], memory, has).argmax(-1))
+            tok, q = pick(self._logprobs(h[:, -1:], memory, has)[0, -1])
             out.append(tok)
+            qs.append(q)
             start += ids.shape[1]
             ids = torch.tensor([[tok]], device=dev)
-        return out
+        return out, stacked(qs)
+
+    @torch.no_grad()
+    def next_logprobs(self, batch: dict) -> Tensor:
+        """A token-pair batch (train.datamodule.collate_tokens; `keep` [B] bool optional: which rows keep
+        their draft) -> teacher-forced log-probabilities [B, n, V], row j after r[:j]."""
+        return self.logits(batch["draft"], batch["draft_len"], batch["target"], batch.get("keep"))
+
+    @torch.no_grad()
+    def chain_runs(self, batch: dict, depth: int) -> ChainRuns:
+        """Proposals depend on the prefix only (and the fixed draft): inside a round, proposal k counts only
+        if proposals 0..k-1 were accepted, i.e. equal to r[p..p+k-1], and then its input is exactly the
+        target prefix r[:p+k]. So the greedy proposal at position j is the teacher-forced argmax after
+        r[:j], and one pass gives every round. Positions past max_len propose nothing (see `propose`)."""
+        target = batch["target"]                                                     # [B, n]
+        hit = self.next_logprobs(batch).argmax(-1) == target
+        hit &= torch.arange(target.shape[1], device=target.device) < batch["target_len"][:, None]
+        cap = (self.config.max_len - torch.arange(target.shape[1], device=target.device)).clamp_min(0)
+        return ChainRuns(match_runs(hit), cap.expand_as(target), batch["target_len"])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -232,3 +277,66 @@ def _init(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
     if isinstance(m, nn.Linear) and m.bias is not None:
         nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------- the type
+
+class TokenAdapterModule(DrafterModule):
+    """Teacher-forced cross-entropy on the target tokens, the whole draft of a sample dropped with
+    probability `draft_dropout`."""
+
+    kind = "token_adapter"
+
+    def losses(self, batch, train):
+        target, c = batch["target"], self.model.config
+        keep = None
+        if train and c.condition_on_draft:
+            keep = torch.rand(target.shape[0], device=target.device) >= c.draft_dropout
+        lp = self.model.logits(batch["draft"], batch["draft_len"], target, keep)   # [B, n, V]
+        mask = lengths_mask(batch["target_len"], target.shape[1])
+        nll = -lp.gather(-1, target[..., None])[..., 0]                            # [B, n]
+        return {"loss": masked_mean(nll, mask), **topk_metrics(lp, target, mask)}
+
+
+class DraftResponse(OnlineInputs):
+    """Online, the TokenAdapter reads the draft model's free-running response (the engine's request);
+    keep_draft=False: nothing, the trained model without its draft."""
+
+    def __init__(self, keep_draft: bool = True):
+        self.keep_draft = keep_draft
+        self.request = DRAFT_RESPONSE if keep_draft else None
+        self.draft: list[int] = []
+
+    def begin(self, context) -> None:
+        self.draft = [int(t) for t in context.request] if self.keep_draft else []
+
+    def context(self, accepted: list[int]) -> list[int]:
+        return self.draft
+
+
+@register
+class TokenAdapterType(DrafterType):
+    kind = "token_adapter"
+    model_class, config_class, module_class = TokenAdapter, TokenAdapterConfig, TokenAdapterModule
+
+    def batch(self, model, store, rows, keep_draft: bool = True):
+        batch = super().batch(model, store, rows)
+        return {**batch, "keep": torch.full((len(rows),), keep_draft)}
+
+    def variants(self, model):
+        if not model.config.condition_on_draft:
+            return {}
+        return {"no_draft": Variant({"keep_draft": False}, (
+            "'no_draft': the same weights with the draft segment removed (the model was trained with draft "
+            "dropout); pass no_draft=DIR for a separately trained ablation."))}
+
+    def online_inputs(self, model, draft_model, keep_draft: bool = True):
+        return DraftResponse(keep_draft)
+
+    def static_proposer(self, model, cuda_graphs, compile):
+        from specalign.specdec.fast_drafters import TokenAdapterProposer
+
+        return TokenAdapterProposer(model, cuda_graphs, compile)
+
+    def vocab_info(self, model):
+        return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}

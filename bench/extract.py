@@ -37,7 +37,6 @@ H200's dense bf16 peak and HBM bandwidth.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import os
@@ -53,11 +52,11 @@ from specalign.data.dsec import load_dataset
 from specalign.data.samples import requests_of
 from specalign.data.synth import synthesize
 from specalign.train.extract import ExtractionModule
-from specalign.vlms import draft_backend, video_llava
-from specalign.vlms.draft_backend import DraftBackend
-from specalign.vlms.eventgpt import EventChatForCausalLM
-from specalign.vlms.target_backend import TargetBackend
-from specalign.vlms.video_llava import VideoLlavaForVideo, video_tokens_per_frame
+from specalign.vlms import eventgpt_backend, video_llava
+from specalign.vlms.eventgpt_backend import EventGPTBackend
+from specalign.vlms.real_configs import random_pair
+from specalign.vlms.video_llava import video_tokens_per_frame
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 from torch import nn
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
@@ -95,27 +94,6 @@ def _ints(text: str) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- models
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def random_model(cls, config, device: str) -> nn.Module:
-    """`cls(config)` with its random initialisation done on `device`, in bf16."""
-    with torch.device(device), default_dtype(torch.bfloat16):
-        return cls(config).eval()
-
-
-def mute_rows(model: nn.Module, ids) -> None:
-    with torch.no_grad():
-        model.get_output_embeddings().weight[list(ids)] = 0.0
-
-
 def quantize_nf4(model: nn.Module, keep_dense: list[str]) -> None:
     """Replace every nn.Linear outside `keep_dense` (module paths) by a bitsandbytes nf4 Linear4bit
     (double quantised, bf16 compute), quantised on the weight's own device."""
@@ -132,28 +110,6 @@ def quantize_nf4(model: nn.Module, keep_dense: list[str]) -> None:
         q.bias = module.bias
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q.to(module.weight.device))
-
-
-def build_models(models: str, device: str):
-    """(target model, draft model, tokenizer), bf16, random weights."""
-    from specalign.vlms.tiny import build_tokenizer, tiny_pair
-
-    if models == "tiny":
-        target, draft, tokenizer = tiny_pair(0)
-        return target.to(device, torch.bfloat16), draft.to(device, torch.bfloat16), tokenizer
-    from specalign.vlms.real_configs import eventgpt_7b_config, video_llava_7b_config
-
-    tokenizer = build_tokenizer()
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    target = random_model(VideoLlavaForVideo, video_llava_7b_config(
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), special_ids=ids), device)
-    draft = random_model(EventChatForCausalLM, eventgpt_7b_config(special_ids=ids), device)
-    special = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
-    for model in (target, draft):
-        mute_rows(model, special)
-    return target, draft, tokenizer
 
 
 def param_counts(model: nn.Module, role: str, decoder: nn.Module) -> dict[str, int]:
@@ -174,16 +130,16 @@ def _has(model: nn.Module, name: str) -> bool:
 
 def build_backends(a, quant: str):
     """(target, draft) backends and their parameter counts (taken before any quantisation)."""
-    target_model, draft_model, tokenizer = build_models(a.models, a.device)
-    target = TargetBackend(target_model, tokenizer, quant=quant)
-    draft = DraftBackend(draft_model, tokenizer, quant=quant)
+    target_model, draft_model, tokenizer = random_pair(a.models, a.device)
+    target = VideoLlavaBackend(target_model, tokenizer, quant=quant)
+    draft = EventGPTBackend(draft_model, tokenizer, quant=quant)
     counts = {b.role: param_counts(b.model, b.role, b.decoder) for b in (target, draft)}
     if quant == "nf4":
         from specalign.vlms.hf_backend import dense_modules
 
         quantize_nf4(target_model, dense_modules(video_llava.DENSE_MODULES, video_llava.TOWERS, a.quantize_towers,
                                                  a.quantize_heads))
-        quantize_nf4(draft_model, dense_modules(draft_backend.DENSE_MODULES, [draft_backend.TOWER],
+        quantize_nf4(draft_model, dense_modules(eventgpt_backend.DENSE_MODULES, [eventgpt_backend.TOWER],
                                                 a.quantize_towers, a.quantize_heads))
     return target, draft, counts
 

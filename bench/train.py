@@ -12,6 +12,10 @@ It writes a synthetic full store of the requested size (a temp dir), then measur
 - fed:    the same step copying its batches to the device itself (as Lightning does), relative to the
           step above: "copied" from a few pinned host batches held in memory (the cost of the copy
           alone), "w=N" from each live loader (equal to "copied" when the loader keeps up).
+- val tau: the validation acceptance of one batch (`DrafterModule.simulate`: the drafter's greedy chains
+          at every position in batched forwards, then the round walk), and its share of an epoch,
+          (val rows / batch x its time) / (train rows / batch x the step time), with --train-rows and
+          --val-rows (default: 872 train answers, the 64 rows of val.max_rows).
 MFU = matmul FLOPs by formula (forward 2x, backward 4x for what is trained) / step time / peak;
 the peak defaults to H100/H200 dense bf16 (989 TFLOP/s).
 """
@@ -20,17 +24,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from specalign.adapters.eagle3 import Eagle3Config
-from specalign.adapters.token_adapter import TokenAdapterConfig
-from specalign.data.store import StoreWriter
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Module
+from specalign.adapters.token_adapter import TokenAdapterConfig, TokenAdapterModule
+from specalign.data.store import FeatureStore, StoreWriter
+from specalign.specdec.metrics import Acceptance
 from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule
-from specalign.train.modules import Eagle3Module, TokenAdapterModule
+from table import print_table
 
 LAYERS = [2, 16, 29]
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-4}
@@ -164,7 +170,8 @@ def bench_eagle3(store: Path, a) -> dict:
     def data(workers):
         return FeatureDataModule(str(store), c.feature_names, batch_size=a.batch, num_workers=workers, max_len=a.seq)
 
-    module = Eagle3Module(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED, store=str(store))
+    module = Eagle3Module(model=c.to_dict(), optimizer=OPTIM, scheduler=SCHED)
+    module.init_from_store(FeatureStore(store), "train")
     return measure(module, data, a, f"eagle3 H={H} N={c.draft_vocab_size} ttt={c.ttt_steps}",
                    eagle3_flops_per_token(c, a.seq))
 
@@ -180,6 +187,23 @@ def bench_token_adapter(store: Path, a) -> dict:
                    token_adapter_flops_per_token(c, a.seq))
 
 
+def val_tau_seconds(module, batches: list[dict], device: str, gamma: int, repeat: int = 3) -> float:
+    """Seconds of validation acceptance per batch (as validation runs it: eval mode, no autograd)."""
+    module.to(device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    module._acceptance = Acceptance(gamma)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        module.simulate(batches[0])                                               # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for b in batches:
+                module.simulate(b)
+        sync()
+    module.train()
+    return (time.perf_counter() - t0) / (repeat * len(batches))
+
+
 def measure(module, data, a, name: str, flops_per_token: float) -> dict:
     """The step on batches already on the device; each loader setting alone; then the step copying its
     batches to the device: from pinned host batches held in memory (no loader), and from each loader."""
@@ -193,8 +217,11 @@ def measure(module, data, a, name: str, flops_per_token: float) -> dict:
         batches = endless(data(w))
         fed[f"w={w}"] = steps_rate(module, batches, a.device, a.fed_warmup, a.fed_steps)
         batches.close()
+    val_s = val_tau_seconds(module, staged, a.device, a.val_gamma)
+    epoch = {"train": math.ceil(a.train_rows / a.batch) * dt, "val": math.ceil(a.val_rows / a.batch) * val_s}
     return {"model": name, "params": module.model.num_params(), "dt": dt, "tokens": tokens,
-            "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers), "fed": fed}
+            "flops": flops_per_token * tokens, "loaders": loader_rates(data, a.workers), "fed": fed,
+            "val_s": val_s, "val_share": epoch["val"] / epoch["train"]}
 
 
 def main() -> None:
@@ -218,6 +245,9 @@ def main() -> None:
     p.add_argument("--fed-steps", type=int, default=20)
     p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s (H100/H200 dense bf16)")
     p.add_argument("--adapter", choices=["eagle3", "token_adapter", "both"], default="both")
+    p.add_argument("--val-gamma", type=int, default=5, help="val.gamma of conf/train.yaml")
+    p.add_argument("--train-rows", type=int, default=872, help="train answers per epoch (for the val tau share)")
+    p.add_argument("--val-rows", type=int, default=64, help="val rows simulated per epoch (val.max_rows)")
     p.add_argument("--store", default=None, help="reuse/keep the synthetic store here")
     a = p.parse_args()
     root = Path(a.store or tempfile.mkdtemp(prefix="bench_store_"))
@@ -231,7 +261,8 @@ def main() -> None:
     print(f"\ndevice {name}, batch {a.batch} x seq {a.seq}, peak {a.peak / 1e12:.0f} TFLOP/s")
     loaders = [f"loader w={w}" for w in a.workers]
     head = ["model", "params", "step ms", "tokens/s", "TFLOP/s", "MFU", *[f"{x} tok/s" for x in loaders],
-            *[f"{x}/step" for x in loaders], *[f"step fed {k}" for k in results[0]["fed"]]]
+            *[f"{x}/step" for x in loaders], *[f"step fed {k}" for k in results[0]["fed"]],
+            "val tau ms/batch", "val tau / epoch"]
     lines = [head]
     for r in results:
         rate = r["tokens"] / r["dt"]
@@ -239,12 +270,9 @@ def main() -> None:
         lines.append([r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['dt'] * 1e3:.1f}", f"{rate:.0f}",
                       f"{flops / 1e12:.2f}", f"{flops / a.peak:.1%}",
                       *[f"{v:.0f}" for v in r["loaders"].values()], *[f"{v / rate:.1f}x" for v in r["loaders"].values()],
-                      *[f"{v / rate:.2f}" for v in r["fed"].values()]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for k, line in enumerate(lines):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+                      *[f"{v / rate:.2f}" for v in r["fed"].values()], f"{r['val_s'] * 1e3:.1f}",
+                      f"{r['val_share']:.1%}"])
+    print_table(lines)
 
 
 if __name__ == "__main__":

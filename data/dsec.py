@@ -1,4 +1,4 @@
-"""Readers for the DSEC-clip layout (design.md, "Datasets on disk").
+"""Readers for the DSEC-clip layout (docs/design.md, "Datasets on disk").
 
     <root>/                       e.g. .../synthetic_1s or .../dsec_500ms
         <root.name>.json          rows {id, split, event_data, video_data, event_image: [...],
@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
 from specalign.data.samples import Sample
 from specalign.data.store import split_of
@@ -119,8 +118,8 @@ def load_dataset(root: str | Path, questions: list[str] | None = None, limit: in
                  strict: bool = False, duration: str | None = None) -> tuple[list[Sample], list[dict]]:
     """Read a DSEC-clip dataset as typed Samples, skipping-and-recording broken rows.
 
-    Returns (samples, errors) with errors [{id, path, reason}]. `questions` overrides the
-    rows' own; `duration` defaults to the directory name's suffix; `limit` keeps the first
+    Returns (samples, errors) with errors [{id, path, reason, requests}] (`requests`: how many (clip,
+    question) requests the broken row stands for). `questions` overrides the rows' own; `duration` defaults to the directory name's suffix; `limit` keeps the first
     rows of the index. `strict=True` raises the first error instead of skipping; a dataset
     in which every row fails raises its first error either way.
     """
@@ -138,23 +137,39 @@ def load_dataset(root: str | Path, questions: list[str] | None = None, limit: in
             if strict:
                 raise
             first_error = first_error or e
-            errors.append({"id": sample_id(row.get("id", "?"), duration), "path": e.path, "reason": e.problem})
+            n = len(questions) if questions is not None else len(questions_of(row.get("conversations") or []))
+            errors.append({"id": sample_id(row.get("id", "?"), duration), "path": e.path, "reason": e.problem,
+                           "requests": max(n, 1)})
     if not samples:
         raise first_error
     return samples, errors
 
 
-def load_from_config(data_cfg) -> tuple[list[Sample], list[dict]]:
-    """`load_dataset` with the keys of a conf/data entry (root, duration, questions, limit, strict)."""
-    try:
-        root = data_cfg["root"]
-    except MissingMandatoryValue:
-        raise DataError("data.root", "no dataset root configured",
-                        "pass data.root=/path/to/<name>_1s on the command line") from None
-    questions = data_cfg.get("questions")
-    return load_dataset(root, questions=list(questions) if questions is not None else None,
-                        limit=data_cfg.get("limit"), strict=bool(data_cfg.get("strict", False)),
-                        duration=data_cfg.get("duration"))
+class EventCheck:
+    """Reads and validates each clip's raw events once (data.events: finite, inside the sensor, polarity,
+    order), so that extraction skips and records a clip whose event file is damaged even though its
+    event frames are already rendered."""
+
+    def __init__(self, allow_pickle: bool = False, sensor=None):
+        self.allow_pickle, self.sensor = allow_pickle, tuple(sensor) if sensor else None
+        self.seen: dict[str, DataError | None] = {}
+
+    def __call__(self, sample: Sample) -> DataError | None:
+        """The sample's event-file error, or None (no event file, or a valid one)."""
+        if sample.id not in self.seen:
+            from specalign.data.events import read_event_clip
+
+            try:
+                if sample.event_path is not None:
+                    read_event_clip(sample.event_path, self.allow_pickle, self.sensor)
+                self.seen[sample.id] = None
+            except DataError as e:
+                self.seen[sample.id] = e
+        return self.seen[sample.id]
+
+    @classmethod
+    def of(cls, data_cfg) -> EventCheck:
+        return cls(bool(data_cfg.get("allow_pickle", False)), data_cfg.get("sensor"))
 
 
 def read_event_images(paths: list[str | Path]) -> list[np.ndarray]:

@@ -12,10 +12,17 @@ Events are a structured array `EVENT_DTYPE` (x, y: uint16 pixel; t: int64 µs; p
 
 Non-array entries of a pickled dict (sensor size, clip start/end, ...) are returned as
 `EventClip.meta`.
+
+Every array is validated before it is packed (`_to_events`): finite, integer-valued coordinates
+inside the sensor (its `width`/`height` from the file's metadata, else the `sensor` argument,
+else the 16-bit range of the packed fields), finite integer timestamps, polarity in {0, 1} or
+{-1, 1}; timestamps out of order are sorted with a warning. Anything else is a one-line
+DataError naming the file, never a silently wrapped or cast value.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +38,8 @@ except ImportError:  # numpy 1.x
 
 from specalign.errors import DataError
 from specalign.io import atomic_path
+
+log = logging.getLogger("specalign.events")
 
 EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")])
 FIELDS = ("x", "y", "t", "p")
@@ -55,8 +64,11 @@ class EventClip:
 
 # ---------------------------------------------------------------------------- reading
 
-def read_event_clip(path: str | Path, allow_pickle: bool = False) -> EventClip:
-    """Read one event file (.npy pickled dict, .npy structured array, or .h5)."""
+def read_event_clip(path: str | Path, allow_pickle: bool = False,
+                    sensor: tuple[int, int] | None = None) -> EventClip:
+    """Read and validate one event file (.npy pickled dict, .npy structured array, or .h5).
+
+    sensor: (width, height) for files whose metadata does not say (e.g. (640, 480) for DSEC)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "event file not found")
@@ -66,12 +78,26 @@ def read_event_clip(path: str | Path, allow_pickle: bool = False) -> EventClip:
         columns, meta = _read_npy(path, allow_pickle)
     else:
         raise DataError(path, f"unknown event file type '{path.suffix}'", "expected .npy, .h5 or .hdf5")
-    return EventClip(events=_to_events(path, columns), path=path, meta=meta)
+    return EventClip(events=_to_events(path, columns, sensor_of(path, meta, sensor)), path=path, meta=meta)
 
 
-def load_events(path: str | Path, allow_pickle: bool = False) -> np.ndarray:
+def load_events(path: str | Path, allow_pickle: bool = False, sensor: tuple[int, int] | None = None) -> np.ndarray:
     """Events of a file as a [N] EVENT_DTYPE array sorted by t (see `read_event_clip`)."""
-    return read_event_clip(path, allow_pickle).events
+    return read_event_clip(path, allow_pickle, sensor).events
+
+
+def sensor_of(path: Path, meta: dict, sensor: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height): the file's own metadata first, then `sensor`, then the packed fields' range."""
+    if "width" in meta and "height" in meta:
+        try:
+            return int(meta["width"]), int(meta["height"])
+        except (TypeError, ValueError):
+            raise DataError(path, f"sensor size in the file's metadata is not a number: width={meta['width']!r}, "
+                            f"height={meta['height']!r}") from None
+    if sensor is not None:
+        return int(sensor[0]), int(sensor[1])
+    limit = int(np.iinfo(EVENT_DTYPE["x"]).max) + 1
+    return limit, limit
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -173,7 +199,7 @@ def _read_h5(path: Path) -> tuple[dict, dict]:
     return columns, meta
 
 
-def _to_events(path: Path, columns: dict) -> np.ndarray:
+def _to_events(path: Path, columns: dict, sensor: tuple[int, int]) -> np.ndarray:
     """Validate x/y/t/p columns and pack them into a t-sorted [N] EVENT_DTYPE array."""
     missing = [k for k in FIELDS if k not in columns]
     if missing:
@@ -185,14 +211,48 @@ def _to_events(path: Path, columns: dict) -> np.ndarray:
         raise DataError(path, f"event fields must be 1-D arrays of equal length, got shapes {shapes}")
     if n == 0:
         raise DataError(path, "the file holds no events")
-    if (cols["x"] < 0).any() or (cols["y"] < 0).any():
-        raise DataError(path, "negative pixel coordinates")
+    width, height = sensor
+    for name, upper in (("x", width), ("y", height)):
+        _check_integers(path, name, cols[name], 0, upper)
+    _check_integers(path, "t", cols["t"], np.iinfo(np.int64).min, np.iinfo(np.int64).max)
     events = np.empty(n, EVENT_DTYPE)
     events["x"], events["y"], events["t"] = cols["x"], cols["y"], cols["t"]
-    events["p"] = cols["p"] > 0
+    events["p"] = _polarity(path, cols["p"])
     if (np.diff(events["t"]) < 0).any():
+        log.warning("%s: timestamps are not in order; sorted them", path)
         events = events[np.argsort(events["t"], kind="stable")]
     return events
+
+
+def _check_integers(path: Path, name: str, values: np.ndarray, low: int, high: int) -> None:
+    """Finite, integer-valued, in [low, high): a cast would otherwise wrap or turn NaN into INT64_MIN."""
+    kind = values.dtype.kind
+    if kind not in "biuf":
+        raise DataError(path, f"event field {name} holds {values.dtype} values, not numbers")
+    if kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise DataError(path, f"event field {name} holds {int(bad.sum())} NaN or infinite values "
+                            f"(first at event {int(np.argmax(bad))})")
+        frac = values != np.floor(values)
+        if frac.any():
+            i = int(np.argmax(frac))
+            raise DataError(path, f"event field {name} holds non-integer values (event {i}: {values[i].item()!r})")
+    out = (values < low) | (values >= high)
+    if out.any():
+        i = int(np.argmax(out))
+        where = f"outside the sensor (0 <= {name} < {high})" if name in "xy" else "outside the 64-bit range"
+        raise DataError(path, f"event field {name} = {values[i].item()!r} at event {i} is {where}")
+
+
+def _polarity(path: Path, p: np.ndarray) -> np.ndarray:
+    """{0, 1} or {-1, 1} (OFF, ON) -> 0/1; any other value is refused."""
+    on = p == 1
+    if not ((p == 0) | on).all() and not ((p == -1) | on).all():
+        others = np.unique(p[~(on | (p == 0) | (p == -1))])[:6].tolist()
+        raise DataError(path, f"event polarity must be in {{0, 1}} or {{-1, 1}}, found {others}"
+                        + (" beside both 0 and -1" if not others else ""))
+    return on.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------- writing

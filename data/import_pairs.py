@@ -1,6 +1,6 @@
 """`specalign import-pairs src=FILE.json out=STORE`: token-pair JSON -> tokens-only feature store.
 
-Accepted input (design.md, "Token-pair JSON"):
+Accepted input (docs/design.md, "Token-pair JSON"):
 
     {"questions": [...], "results": [{"sample_id", "query", "egpt_tokens", "egpt_text",
                                       "vl_tokens", "vl_text", ...}, ...]}
@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig
-from specalign.data.store import StoreWriter, row_key, split_of
+from specalign.data.store import StoreWriter, is_store, row_key, split_of
 
 from specalign.errors import DataError
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 TARGET_PROMPT = "USER: <video>\n{question} ASSISTANT:"
@@ -51,7 +52,7 @@ def read_pairs(path: str | Path, vocab_size: int = 32000, fractions=(0.8, 0.1, 0
         raise DataError(path, f"not valid JSON ({e})") from None
     results = doc.get("results") if isinstance(doc, dict) else None
     if not isinstance(results, list) or not results:
-        raise DataError(path, "expected an object with a non-empty 'results' list (design.md token-pair JSON)")
+        raise DataError(path, "expected an object with a non-empty 'results' list (docs/design.md token-pair JSON)")
     questions = list(doc.get("questions") or [])
     rows = []
     for i, r in enumerate(results):
@@ -85,7 +86,7 @@ def read_pairs(path: str | Path, vocab_size: int = 32000, fractions=(0.8, 0.1, 0
     return rows, source
 
 
-def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, target_name: str = "video-llava",
+def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, target_name: str = "video_llava",
                  draft_name: str = "eventgpt", fractions=(0.8, 0.1, 0.1), max_new_tokens: int | None = None,
                  shard_rows: int = 4096) -> Path:
     rows, source = read_pairs(src, vocab_size, fractions)
@@ -99,7 +100,7 @@ def import_pairs(src: str | Path, out: str | Path, vocab_size: int = 32000, targ
         "prompts": {"target": TARGET_PROMPT, "draft": DRAFT_PROMPT},
         "generation": {"do_sample": False, "max_new_tokens": gen},
     }
-    out = Path(out)
+    out = claim_output(out, "import-pairs", owned_if=is_store)   # the store's identity is its manifest
     if (out / "manifest.json").exists():
         old = json.loads((out / "manifest.json").read_text())
         if old.get("source", {}).get("sha256") not in (None, source["sha256"]):

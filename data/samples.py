@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass
 class Sample:
-    """One clip of a DSEC-clip dataset (design.md, "Datasets on disk")."""
+    """One clip of a DSEC-clip dataset (docs/design.md, "Datasets on disk")."""
 
     id: str                                   # unique within the dataset, e.g. "interlaken_00_a/000012"
     split: str | None                         # split given by the dataset JSON, if any

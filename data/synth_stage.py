@@ -8,6 +8,7 @@ import os
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from specalign.data.synth import WorldConfig, synthesize
 
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 
@@ -15,6 +16,8 @@ from specalign.stage import hydra_stage
 def main(cfg) -> None:
     world = WorldConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(WorldConfig)})
     durations = [str(d) for d in cfg.durations]
+    # a rerun with more or fewer clips rewrites its own world; another seed, sensor or durations is another world
+    claim_output(cfg.out, "synth", {**dataclasses.asdict(world), "seed": cfg.seed, "durations": durations})
     workers = cfg.workers or len(os.sched_getaffinity(0))
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:

@@ -16,7 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "synth": ("specalign.data.synth_stage", "write a synthetic event/video world in the DSEC-clip layout"),
     "import-pairs": ("specalign.data.import_pairs", "turn a token-pair JSON into a tokens-only feature store"),
     "extract": ("specalign.train.extract", "run both VLMs and write a feature store (tokens + hidden states)"),
-    "train": ("specalign.train.train", "train a drafter (TokenAdapter or EAGLE-3) on a feature store"),
+    "train": ("specalign.train.train", "train a drafter (any registered type: TokenAdapter, EAGLE-3) on a feature store"),
     "export": ("specalign.train.export", "export a trained checkpoint as a self-describing drafter directory"),
     "evaluate": ("specalign.specdec.evaluate", "measure acceptance (offline simulation or online decoding)"),
     "plot": ("specalign.train.plot", "overlay the curves of several runs"),
@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     os.environ["SPECALIGN_STAGE"] = stage
     # argv[0] becomes a real script so that Lightning's DDP launcher can start the other ranks
-    # with the same command line; the help template is the project's own (put first: an override
-    # after an option such as `--cfg job` does not parse)
-    sys.argv = [str(Path(__file__).parent / "scripts" / "stage_main.py"), "hydra/help=specalign", *rest]
+    # with the same command line; the help template is the project's own
+    sys.argv = [str(Path(__file__).parent / "scripts" / "stage_main.py"), *rest, "hydra/help=specalign"]
     run_stage(stage)
 
 

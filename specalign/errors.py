@@ -31,3 +31,7 @@ class StoreMismatch(SpecalignError):
 
 class SystematicFailure(SpecalignError):
     """Every sample so far failed: the cause is not the samples but the setup."""
+
+
+class OutputInUse(SpecalignError):
+    """`out=` points at a directory or file that this stage did not make (or made for another input)."""

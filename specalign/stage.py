@@ -5,9 +5,11 @@ Whatever the user can act on becomes one line on stderr and exit code 2 instead 
 - SpecalignError raised by a stage;
 - Hydra's and OmegaConf's own errors (an override that does not parse, a key the config lacks, an
   interpolation that does not resolve), named by their key;
-- a command-line value that is missing, empty or of the wrong type (`check_config`, run by the Hydra
-  callback `ConfigCheck` before Hydra makes the run directory, so a refused command creates nothing);
+- a command-line value that is missing, empty or of the wrong type (`check_config`);
+- an `out=` the stage may not write into (specalign.io.check_output);
 - an OSError naming a file (a full disk, a read-only or forbidden output, a missing input).
+The two checks run in `StageCheck`, a Hydra callback every stage config names, before Hydra makes the
+run directory and writes its records there: a refused command line leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from specalign.errors import ConfigError, SpecalignError
 from specalign.paths import CONF_DIR
@@ -28,9 +31,6 @@ try:
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover -- hydra is a dependency; this keeps the module importable alone
     _HydraCallback = object
-
-# appended to the command line of every stage: the check runs before Hydra writes anything
-CHECK_OVERRIDE = "+hydra.callbacks.config_check._target_=specalign.stage.ConfigCheck"
 
 
 def hydra_stage(config_name: str) -> Callable:
@@ -52,8 +52,6 @@ def hydra_stage(config_name: str) -> Callable:
 
         @functools.wraps(fn)
         def main():
-            if CHECK_OVERRIDE not in sys.argv:     # first: overrides after an option (--cfg job) do not parse
-                sys.argv.insert(1, CHECK_OVERRIDE)
             os.environ["HYDRA_FULL_ERROR"] = "1"   # Hydra raises its errors, they are reported below
             try:
                 return app()
@@ -126,21 +124,54 @@ FLEXIBLE = {"trainer.devices"}
 _ABSENT = object()
 
 
-class ConfigCheck(_HydraCallback):
-    """Hydra callback: `check_config` on the composed config before Hydra makes the run (or sweep)
-    directory; a refused command line leaves nothing behind."""
+# stages whose `out` is a file rather than a directory
+FILE_OUTPUTS = ("plot",)
+
+
+def legacy_owner(stage: str) -> Callable[[Path], bool] | None:
+    """How a stage recognises its own output written before ownership markers existed."""
+    if stage in ("extract", "import-pairs"):
+        from specalign.data.store import is_store
+
+        return is_store
+    if stage == "train":
+        from specalign.train.train import is_run
+
+        return is_run
+    return None
+
+
+class StageCheck(_HydraCallback):
+    """Runs before Hydra makes the run (or sweep) directory and writes its records: the command line's
+    values (`check_config`), then the stage's `out`, which must be new, empty or the stage's own
+    (specalign.io.check_output). A sweep directory is claimed for the whole sweep; its jobs (out/<n>)
+    are claimed by the stage itself, and check their swept values."""
 
     def on_run_start(self, config, config_name: str | None = None, **kwargs) -> None:
-        self._check(config, config_name)
+        from omegaconf import OmegaConf
 
-    def on_multirun_start(self, config, config_name: str | None = None, **kwargs) -> None:
-        self._check(config, config_name)   # the sweep's own values are checked by each job
+        from specalign.io import check_output, claim_file
 
-    @staticmethod
-    def _check(config, config_name: str | None) -> None:
         try:
             check_config(config, config.hydra, config_name)
+            out = OmegaConf.select(config, "out", throw_on_missing=False)
+            if out is None or not config_name:
+                return
+            if config_name in FILE_OUTPUTS:
+                claim_file(out, config_name)
+            else:
+                check_output(out, config_name, config.hydra.job.name, legacy_owner(config_name))
         except Exception as e:  # noqa: BLE001 -- one line if the user can act on it
+            fail(user_error(e) or e)
+
+    def on_multirun_start(self, config, config_name: str | None = None, **kwargs) -> None:
+        from specalign.io import claim_output
+
+        try:
+            check_config(config, config.hydra, config_name)
+            if config_name and config_name not in FILE_OUTPUTS:
+                claim_output(config.hydra.sweep.dir, f"{config_name} sweep")
+        except Exception as e:  # noqa: BLE001
             fail(user_error(e) or e)
 
 

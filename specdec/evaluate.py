@@ -4,6 +4,9 @@ Writes report.json, report.md and plots. Every report shows the drafter beside i
 baselines: `raw_draft` (the draft model's own free-running tokens), `draft_model` (EventGPT
 as an ordinary draft model, full stores), `no_draft` (the drafter without draft
 conditioning) and any token lists stored with the pairs (e.g. an earlier adapter's output).
+
+A drafter is evaluated only on a store of the models it was trained on (specalign.identity:
+sizes always, models/weights/layers/prompts unless allow_store_mismatch=true).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from specalign.data.store import FeatureStore
 from specalign.specdec import offline
+from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import write_report
 
 from specalign.errors import SpecalignError
+from specalign.identity import check_drafter_store
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.evaluate")
@@ -30,28 +36,35 @@ def gammas_of(value) -> list[int]:
     return out
 
 
+def check_drafters(store: FeatureStore, paths: list[str | None], allow_mismatch: bool = False) -> None:
+    """Refuse drafters trained on a store of other models than `store` (see specalign.identity)."""
+    for path in filter(None, paths):
+        check_drafter_store(path, store.manifest, store.root, allow_mismatch)
+
+
+def evaluate_identity(cfg_or_args: dict) -> dict:
+    """What a report directory is: the mode and the inputs it measured (a rerun may rewrite it)."""
+    where = {k: str(Path(cfg_or_args[k]).resolve()) if cfg_or_args.get(k) else None
+             for k in ("store", "drafter", "no_draft")}
+    return {"mode": cfg_or_args.get("mode", "offline"), **where}
+
+
 def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | None = None,
-                     no_draft: str | None = None, temperature: float | None = None) -> dict:
-    from specalign.specdec.drafters import drafter_entries
+                     no_draft: str | None = None, temperature: float | None = None,
+                     allow_store_mismatch: bool = False) -> dict:
+    from specalign.specdec.drafters import report_drafters
 
     store = FeatureStore(store_path)
+    check_drafters(store, [drafter, no_draft], allow_store_mismatch)
     rows = store.select(split)
     if not rows:
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
-    entries, logits_fns, notes = {}, {}, []
-    if drafter:
-        e, lf, n = drafter_entries(drafter, store, rows, allow_ablation=no_draft is None)
-        entries.update(e)
-        logits_fns.update(lf)
-        notes += n
-    if no_draft:
-        e, lf, n = drafter_entries(no_draft, store, rows, name="no_draft", allow_ablation=False)
-        entries.update(e)
-        logits_fns.update(lf)
-        notes += n
-    entries.update(offline.baseline_proposers(store))
-    tables = {name: offline.acceptances(rows, make, gammas, group=lambda r: r.duration)
-              for name, make in entries.items()}
+    drafters = report_drafters(drafter, no_draft, "offline")
+    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
+    runs |= offline.baseline_runs(store, rows)
+    rounds = {name: {} for name in runs}
+    tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
+              for name, per_row in runs.items()}
     results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
@@ -60,19 +73,22 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
-              "drafter": drafter, "no_draft": no_draft, "results": results, "notes": notes}
+              "drafter": drafter, "no_draft": no_draft, "results": results,
+              "notes": [n for d in drafters for n in d.notes],
+              "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
     if temperature and store.has_hidden:
-        report["sampling"] = {name: {"temperature": temperature, "expected_alpha":
-                                     offline.expected_sampling_acceptance(store, rows, fn, temperature)}
-                              for name, fn in logits_fns.items()}
+        report["sampling"] = {d.name: {"temperature": temperature, "expected_alpha": offline.expected_sampling_acceptance(
+            store, rows, offline.drafter_logprobs(d, store), temperature)} for d in drafters}
     return report
 
 
 @hydra_stage("evaluate")
 def main(cfg: DictConfig) -> dict:
     gammas = gammas_of(cfg.gamma)
+    claim_output(cfg.out, "evaluate", evaluate_identity(cfg))
     if cfg.mode == "offline":
-        report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature)
+        report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature,
+                                  cfg.get("allow_store_mismatch", False))
     elif cfg.mode == "online":
         from specalign.specdec.online_eval import evaluate_online
 

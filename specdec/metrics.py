@@ -1,6 +1,6 @@
 """The acceptance metrics: the one definition used by training, evaluation and reports.
 
-A greedy speculative round (design.md, "Acceptance metrics"): at accepted prefix length p
+A greedy speculative round (docs/design.md, "Acceptance metrics"): at accepted prefix length p
 the drafter proposes gamma tokens; the target accepts the longest prefix that matches its
 own greedy tokens r[p:], a tokens (0 <= a <= gamma), and adds one token of its own.
 
@@ -13,12 +13,20 @@ n - p useful tokens, and generates min(a + 1, n - p).
 
 A round "reaches" position k when positions 0..k-1 were accepted and position k is inside
 the response.
+
+`simulate_greedy` is the definition: it asks the drafter for each round's proposal. For greedy chains
+the rounds can also be read off precomputed runs (`rounds_from_runs`): run[p], how many of the tokens
+the drafter proposes from the prefix r[:p] equal r[p:], and cap[p], how many it proposes there at most.
+Both walks give the same rounds (tests/test_metrics.py); the runs of every position come from a few
+batched forwards of the drafter (adapters/registry.py, `chain_runs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 Proposer = Callable[[int, int], Sequence[int]]  # (accepted prefix length p, gamma) -> tokens
 
@@ -104,8 +112,13 @@ def accept_length(proposal: Sequence[int], target: Sequence[int], start: int) ->
 def make_round(proposal: Sequence[int], target: Sequence[int], start: int, gamma: int) -> Round:
     remaining = len(target) - start
     proposal = list(proposal)[: min(gamma, remaining)]
-    a = accept_length(proposal, target, start)
-    return Round(start=start, proposed=len(proposal), accepted=a, generated=min(a + 1, remaining))
+    return _round(start, len(proposal), accept_length(proposal, target, start), remaining)
+
+
+def _round(start: int, proposed: int, accepted: int, remaining: int) -> Round:
+    """A round that proposed `proposed` tokens inside the response and had `accepted` of them accepted;
+    the target adds its own token unless the response has ended."""
+    return Round(start=start, proposed=proposed, accepted=accepted, generated=min(accepted + 1, remaining))
 
 
 def simulate_greedy(target: Sequence[int], propose: Proposer, gamma: int) -> list[Round]:
@@ -116,6 +129,39 @@ def simulate_greedy(target: Sequence[int], propose: Proposer, gamma: int) -> lis
         rounds.append(r)
         p += r.generated
     return rounds
+
+
+def rounds_from_runs(run: Sequence[int], cap: Sequence[int], n: int, gamma: int) -> list[Round]:
+    """The rounds of `simulate_greedy` over a response of n tokens, read off the drafter's runs:
+    run[p] (counted up to gamma at least) and cap[p] as in the module docstring; positions beyond the
+    lists propose nothing."""
+    rounds, p = [], 0
+    while p < n:
+        proposed = min(gamma, cap[p] if p < len(cap) else 0, n - p)
+        accepted = min(run[p] if p < len(run) else 0, proposed)
+        rounds.append(_round(p, proposed, accepted, n - p))
+        p += rounds[-1].generated
+    return rounds
+
+
+def token_runs(tokens: Sequence[int], target: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The runs of a drafter proposing tokens[p:p + gamma] at every p (`raw_draft_proposer`: a fixed
+    response, or greedy predictions teacher-forced on the target's prefix): run[p] counts the matches
+    tokens[j] == target[j] from j = p on, cap[p] the tokens left."""
+    n, m = len(target), len(tokens)
+    run = [0] * (n + 1)
+    for p in range(min(n, m) - 1, -1, -1):
+        run[p] = run[p + 1] + 1 if int(tokens[p]) == int(target[p]) else 0
+    return run[:n], [max(0, m - p) for p in range(n)]
+
+
+def match_runs(hit: torch.Tensor) -> torch.Tensor:
+    """hit [B, T] bool -> run [B, T] long: how many consecutive positions from p on are hits."""
+    T = hit.shape[-1]
+    pos = torch.arange(T, device=hit.device)
+    miss = torch.where(hit, T, pos)                                   # a miss's own position, T at a hit
+    next_miss = miss.flip(-1).cummin(-1).values.flip(-1)              # the first miss at or after p
+    return next_miss - pos
 
 
 def raw_draft_proposer(draft: Sequence[int]) -> Proposer:

@@ -1,14 +1,14 @@
 """Offline simulation of greedy speculative decoding over a feature store.
 
 For greedy decoding the whole process is fixed by the target's greedy response r, so the
-rounds can be replayed exactly without the 7B target (design.md).
+rounds can be replayed exactly without the 7B target (docs/design.md).
 
-A drafter whose proposals depend only on tokens (raw draft tokens, the TokenAdapter, the
-draft model itself) needs no round-by-round rerun: within a round, proposal k matters only
-if proposals 0..k-1 were accepted, i.e. equal to r[p..p+k-1], and then the drafter's
-input is exactly the target prefix r[:p+k]. So its greedy proposal at position j is its
-teacher-forced prediction after r[:j], and `teacher_forced_proposer` is exact. Drafters that
-feed back their own hidden states (EAGLE-3) are rerun round by round.
+Every drafter is scored from its runs (specdec/metrics.py): at each position p, how many of the
+tokens it proposes from the prefix r[:p] the target accepts. A drafter's runs at every position of
+many responses come from a few batched forwards (`chain_runs` of its type, adapters/registry.py);
+a baseline that proposes a token list (the raw draft, the draft model's teacher-forced greedy
+predictions, stored lists) gives its runs by comparing the list with r. The rounds of each gamma are
+then walked from the runs, exactly the rounds of a round-by-round simulation.
 """
 
 from __future__ import annotations
@@ -16,60 +16,104 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from specalign.data.features import feature_name
 from specalign.data.store import FeatureStore, Row
-from specalign.specdec.metrics import (
-    Acceptance,
-    Proposer,
-    expected_accept,
-    raw_draft_proposer,
-    simulate_greedy,
-)
+from specalign.specdec.drafters import ReportDrafter
+from specalign.specdec.metrics import Acceptance, expected_accept, rounds_from_runs, token_runs
+from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT, STORED
 
+Runs = tuple[list[int], list[int]]      # run [n], cap [n] of one response
 
-def teacher_forced_proposer(predictions: Sequence[int]) -> Proposer:
-    """predictions[j] = the drafter's greedy token after the target prefix r[:j]."""
-    preds = [int(t) for t in predictions]
-    return lambda p, gamma: preds[p: p + gamma]
-
-
-def head_predictions(store: FeatureStore, row: Row, model: str) -> torch.Tensor:
-    """Greedy next-token ids of `model` ("target" or "draft") at every feature row: [n]."""
-    return head_logits(store, row, model).argmax(-1)
+TOKENS_PER_BATCH = 2048   # responses are batched up to this many padded tokens (a [tokens, V] float block)
 
 
 def head_logits(store: FeatureStore, row: Row, model: str, heads: dict | None = None) -> torch.Tensor:
     """Logits recomputed from the stored final-norm rows and LM head: [n, V]."""
     heads = heads if heads is not None else store.heads()
-    final = store.hidden(row, f"{model}.final").float()
+    final = store.hidden(row, feature_name(model, None)).float()
     return final @ heads[f"{model}.lm_head"].float().T
 
 
-def acceptances(rows: Iterable[Row], make: Callable[[Row], Proposer], gammas: Sequence[int],
-                group: Callable[[Row], str | None] | None = None) -> dict[str, dict[int, Acceptance]]:
-    """{"all" | group: {gamma: Acceptance}}. Each row's proposer is built once (one drafter pass)
-    and serves every gamma and its group's table."""
-    tables: dict[str, dict[int, Acceptance]] = {}
-    for row in rows:
-        propose = make(row)
-        keys = {"all"} | ({group(row)} if group and group(row) else set())
-        for g in gammas:
-            rounds = simulate_greedy(row.target_tokens, propose, g)
-            for k in keys:
-                tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(rounds)
-    return tables
+def batches_of(rows: Sequence[Row], tokens: int = TOKENS_PER_BATCH) -> Iterable[list[int]]:
+    """Indices of `rows` in batches of similar length, each at most `tokens` padded tokens (one row at least)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].target_tokens))
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * len(rows[i].target_tokens) > tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
-def baseline_proposers(store: FeatureStore) -> dict[str, Callable[[Row], Proposer]]:
-    """The baselines every report shows: the raw draft tokens, and (full stores) the draft model
-    used as an ordinary draft model; stored token lists from earlier research are scored too."""
-    out: dict[str, Callable[[Row], Proposer]] = {"raw_draft": lambda r: raw_draft_proposer(r.draft_tokens)}
+@torch.no_grad()
+def drafter_runs(d: ReportDrafter, store: FeatureStore, rows: Sequence[Row], depth: int) -> list[Runs]:
+    """Every row's runs of a drafter (greedy chains counted to `depth`), in batched forwards."""
+    d.kind.check_store(d.model, store)
+    device = next(d.model.parameters()).device
+    out: list[Runs] = [([], [])] * len(rows)
+    for index in batches_of(rows):
+        batch = d.kind.batch(d.model, store, [rows[i] for i in index], **d.options)
+        runs = d.model.chain_runs({k: v.to(device) for k, v in batch.items()}, depth)
+        for b, i in enumerate(index):
+            out[i] = runs.row(b, len(rows[i].target_tokens))
+    return out
+
+
+def drafter_logprobs(d: ReportDrafter, store: FeatureStore) -> Callable[[Row], torch.Tensor]:
+    """row -> the drafter's teacher-forced log-probabilities [n, V] (row j after r[:j])."""
+    device = next(d.model.parameters()).device
+
+    @torch.no_grad()
+    def logprobs(row: Row) -> torch.Tensor:
+        batch = d.kind.batch(d.model, store, [row], **d.options)
+        return d.model.next_logprobs({k: v.to(device) for k, v in batch.items()})[0].float()
+
+    return logprobs
+
+
+def baseline_runs(store: FeatureStore, rows: Sequence[Row]) -> dict[str, list[Runs]]:
+    """The baselines every report shows, each row's runs: the raw draft tokens, and (full stores) the draft
+    model used as an ordinary draft model (its greedy predictions after each target prefix); stored
+    token lists from earlier research are scored too."""
+    out = {RAW_DRAFT: [token_runs(r.draft_tokens, r.target_tokens) for r in rows]}
     if store.has_hidden:
-        out["draft_model"] = lambda r: teacher_forced_proposer(head_predictions(store, r, "draft").tolist())
+        out[DRAFT_MODEL] = [token_runs(p, r.target_tokens) for p, r in zip(head_predictions(store, rows, "draft"), rows)]
     extra_lists = sorted({k for r in store.rows for k, v in r.extra.items()
                           if k.endswith("_tokens") and isinstance(v, list)})
     for k in extra_lists:
-        out[f"stored:{k}"] = lambda r, k=k: raw_draft_proposer(r.extra.get(k, []))
+        out[f"{STORED}{k}"] = [token_runs(r.extra.get(k, []), r.target_tokens) for r in rows]
     return out
+
+
+def head_predictions(store: FeatureStore, rows: Sequence[Row], model: str) -> list[list[int]]:
+    """Greedy next-token ids of `model` ("target" or "draft") at every feature row of each row, from the
+    stored final-norm rows and LM head (rows batched into one matmul per TOKENS_PER_BATCH tokens)."""
+    head, name, out = store.heads()[f"{model}.lm_head"].float(), feature_name(model, None), [[]] * len(rows)
+    for index in batches_of(rows):
+        final = torch.cat([store.hidden(rows[i], name) for i in index]).float()        # [tokens, H]
+        preds = (final @ head.T).argmax(-1).split([len(rows[i].target_tokens) for i in index])
+        for i, p in zip(index, preds):
+            out[i] = p.tolist()
+    return out
+
+
+def acceptances(rows: Sequence[Row], runs: Sequence[Runs], gammas: Sequence[int],
+                group: Callable[[Row], str | None] | None = None,
+                rounds_out: dict[int, list] | None = None) -> dict[str, dict[int, Acceptance]]:
+    """{"all" | group: {gamma: Acceptance}} from each row's runs (one drafter pass serves every gamma
+    and the row's group table). `rounds_out` collects {gamma: per row its rounds}."""
+    tables: dict[str, dict[int, Acceptance]] = {}
+    for row, (run, cap) in zip(rows, runs):
+        keys = {"all"} | ({group(row)} if group and group(row) else set())
+        for g in gammas:
+            rounds = rounds_from_runs(run, cap, len(row.target_tokens), g)
+            if rounds_out is not None:
+                rounds_out.setdefault(g, []).append(rounds)
+            for k in keys:
+                tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(rounds)
+    return tables
 
 
 def expected_sampling_acceptance(store: FeatureStore, rows: Iterable[Row],
@@ -77,11 +121,12 @@ def expected_sampling_acceptance(store: FeatureStore, rows: Iterable[Row],
     """Mean over response positions of sum_x min(p(x), q(x)), p the target's and q the drafter's
     distribution at temperature T (the acceptance probability of one speculative-sampling step)."""
     total, count = 0.0, 0
+    heads = store.heads()
     for row in rows:
-        p = torch.softmax(head_logits(store, row, "target") / temperature, -1)
+        p = torch.softmax(head_logits(store, row, "target", heads) / temperature, -1)
         q = torch.nan_to_num(torch.softmax(drafter_logits(row).float() / temperature, -1), nan=0.0)
-        v = min(p.shape[-1], q.shape[-1])
-        p, q = p[:, :v], q[:, :v]
+        n, v = min(p.shape[0], q.shape[0]), min(p.shape[-1], q.shape[-1])   # a drafter may stop at its max_len
+        p, q = p[:n, :v], q[:n, :v]
         total += float(expected_accept(p, q).sum())
         count += p.shape[0]
     return total / max(count, 1)

@@ -18,6 +18,11 @@ Prefill: a dict of the target's input kwargs (input_ids, attention_mask, pixel v
 one forward with a fresh DynamicCache, or a zero-argument callable returning
 (logits_last, cache, prompt_len[, hidden]) with a fresh cache on every call. Decode steps feed
 `input_ids`, so the target must accept them after the prefill (positions come from the cache length).
+
+Engines: a model is decoded with transformers' growing cache (`DynamicCache`, above); a
+`specdec.engine.StaticDecoder` in its place (target, draft model, or the EventGPT of an EAGLE-3 drafter)
+decodes on its preallocated static cache, with CUDA graphs when asked. `run_prefill`, `forward_tokens` and
+`crop` take either, so every function below runs on both (`make_engine` builds one from `engine.*` keys).
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.metrics import Acceptance, Round, accept_length, make_round
 from torch import Tensor
 from transformers import DynamicCache
+
+from specalign.errors import SpecalignError
 
 PrefillSpec = Mapping[str, Any] | Callable[[], tuple]
 
@@ -41,7 +49,7 @@ PrefillSpec = Mapping[str, Any] | Callable[[], tuple]
 
 class Prefill(NamedTuple):
     logits: Tensor                          # [V] next-token logits after the prompt
-    cache: DynamicCache                     # holds the prompt
+    cache: DynamicCache | StaticDecoder     # holds the prompt
     length: int                             # prompt length in the cache
     hidden: dict[int, Tensor] | None = None  # layer -> [length, H]
 
@@ -56,8 +64,30 @@ def _pick_hidden(out, layers: Sequence[int]) -> dict[int, Tensor] | None:
     return {i: out.hidden_states[i][0] for i in layers} if layers else None
 
 
+ENGINES = ("static", "dynamic")
+
+
+def make_engine(model, kind: str = "dynamic", reserve: int = 64, max_len: int | None = None,
+                cuda_graphs: bool | None = None, compile: bool | None = None):
+    """The model as the online functions decode it: itself (kind "dynamic": transformers' growing cache) or a
+    `StaticDecoder` (kind "static"; `cuda_graphs` and `compile` None: on when the model is on CUDA)."""
+    if kind not in ENGINES:
+        raise SpecalignError(f"engine.kind must be one of {ENGINES}, got {kind!r}")
+    if kind == "dynamic":
+        if cuda_graphs or compile:
+            raise SpecalignError("engine.cuda_graphs / engine.compile need engine.kind=static (a growing cache "
+                                 "changes shape at every step)")
+        return model
+    on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+    return StaticDecoder(model, reserve, max_len, on_cuda if cuda_graphs is None else cuda_graphs,
+                         compile=on_cuda if compile is None else compile)
+
+
 @torch.no_grad()
 def run_prefill(model, spec: PrefillSpec, hidden_layers: Sequence[int] = ()) -> Prefill:
+    if isinstance(model, StaticDecoder):
+        logits, length, hidden = model.prefill(spec, hidden_layers)
+        return Prefill(logits, model, length, hidden)
     if callable(spec):
         logits, cache, length, *hidden = spec()
         return Prefill(logits.reshape(-1, logits.shape[-1])[-1].float(), cache, int(length),
@@ -68,10 +98,12 @@ def run_prefill(model, spec: PrefillSpec, hidden_layers: Sequence[int] = ()) -> 
 
 
 @torch.no_grad()
-def forward_tokens(model, cache: DynamicCache, tokens: Sequence[int],
+def forward_tokens(model, cache: DynamicCache | StaticDecoder, tokens: Sequence[int],
                    hidden_layers: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor] | None]:
     """Run `tokens` after the cached prefix (the cache grows by len(tokens)).
     Returns logits [L, V] (float32) and hidden states {layer: [L, H]}."""
+    if isinstance(cache, StaticDecoder):
+        return cache.forward(tokens, hidden_layers)
     device = model.device
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)                 # [1, L]
     mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long, device=device)
@@ -80,9 +112,11 @@ def forward_tokens(model, cache: DynamicCache, tokens: Sequence[int],
     return out.logits[0].float(), _pick_hidden(out, hidden_layers)
 
 
-def crop(cache: DynamicCache, n: int) -> None:
+def crop(cache: DynamicCache | StaticDecoder, n: int) -> None:
     """Drop the last n cached positions (crop(0) is never called: older 5.x read it as 'keep 0')."""
-    if n > 0:
+    if isinstance(cache, StaticDecoder):
+        cache.crop(n)
+    elif n > 0:
         cache.crop(-n)
 
 
@@ -142,7 +176,7 @@ def speculative_accept(p: Tensor, q: Tensor, proposal: list[int],
 
 @dataclass
 class DraftContext:
-    prefill: PrefillSpec                    # the target's prompt (TargetAsDrafter replays it)
+    prefill: PrefillSpec                    # the target's prompt
     request: Any                            # per-sequence data for the drafter (its prompt, its token list)
     prompt_len: int                         # target prompt length
     hidden: dict[int, Tensor] | None        # target prompt hidden states {layer: [prompt_len, H]}
@@ -163,6 +197,9 @@ class Drafter(Protocol):
         features for every token of the sequence but the newest one, the bonus, whose features come
         with the next round. `hidden` is None without hidden_layers, or when a round ran no target forward."""
 
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> Drafter:
+        """The same drafter (shared weights) drawing its proposals for speculative sampling and returning q."""
+
 
 class TokenListDrafter:
     """Proposes request[p:p+gamma] at accepted length p: a fixed draft response (the raw-draft baseline)."""
@@ -175,6 +212,9 @@ class TokenListDrafter:
 
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         pass
+
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> TokenListDrafter:
+        return TokenListDrafter()                               # fixed tokens: q is one-hot
 
 
 class ModelDrafter:
@@ -222,12 +262,8 @@ class ModelDrafter:
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         pass
 
-
-class TargetAsDrafter(ModelDrafter):
-    """The target drafting for itself from its own prompt: greedy proposals are always accepted."""
-
-    def begin(self, context: DraftContext) -> None:
-        self._start(context.prefill)
+    def sampled(self, sampling: Sampling, generator: torch.Generator | None) -> ModelDrafter:
+        return type(self)(self.model, sampling, generator)
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -5,33 +5,20 @@ the target (Video-LLaVA, with its video) is prefilled and decoded by `specdec.on
 with each drafter:
 - `raw_draft`: EventGPT's own free-running greedy response, proposed position by position;
 - `draft_model`: EventGPT as an ordinary draft model (its event prefill, KV cache rolled back each round);
-- the exported drafter (TokenAdapter on EventGPT's response, or EAGLE-3 on the target's and/or EventGPT's
-  features, see specdec/online_drafters.py), and `no_draft` when given (or the TokenAdapter's
+- the exported drafter, of any registered type (adapters/registry.py; the TokenAdapter on EventGPT's
+  response, EAGLE-3 on the target's and/or EventGPT's features) run by specdec/online_drafters.py, and
+  `no_draft` when given (or the variant its type makes without the draft: the TokenAdapter's
   draft-removed ablation).
 Plain greedy decoding of both models (`greedy_generate`) gives the reference output, EventGPT's response
-and the per-call costs. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
+and the per-call costs. Both models decode on the engine `engine.*` selects (`use_engines`; by default the
+static engine of specdec/engine.py, with CUDA graphs and fused kernels on CUDA, the exported drafters' rounds
+on static shapes too), so every speedup is against plain greedy decoding on that same engine. Acceptance comes from the engine's rounds (`metrics.Round`), so for greedy
 decoding it must equal the offline simulation over the same store rows; `checks` counts the requests
 whose online output equals plain greedy decoding, and whose greedy responses equal the store's.
 
-Projected speedup (per-call costs are means over the requests). A round costs one target verification
-of gamma + 1 tokens, t_verify(gamma), plus the drafter's proposal, t_round (its measured mean per round,
-about gamma drafter steps), and yields tau tokens, which plain decoding makes in tau decode steps:
-
-    speedup     = tau * t_decode / (t_verify(gamma) + t_round)
-
-End to end, for the mean response length n, with the target prefill t_prefill and the drafter's
-per-sequence setup t_setup (its prefill; for drafters reading EventGPT's response, the whole
-free-running generation, counted as if run before the target):
-
-    speedup_e2e = (t_prefill + (n - 1) t_decode) / (t_prefill + t_setup + (n / tau) (t_verify(gamma) + t_round))
-
-Wall clock: tokens/s of the online runs (setup included) over those of plain target decoding.
-
-Prefill hiding: with both prefills started together (separate devices or streams), EventGPT has its
-first token when its prefill ends and one more per draft decode step, so when the target's prefill ends
-k = 1 + floor((t_prefill_target - t_prefill_draft) / t_draft_step) draft tokens exist (0 when the draft
-prefill is the slower), at most the draft response. The target verifies them in its first round and
-accepts the longest prefix equal to its own greedy response.
+Projected speedup, end-to-end speedup, wall clock and prefill hiding follow the cost model of
+docs/design.md ("Online decoding, the engine and the cost model"): `projected_speedup` and `prefill_hiding`
+below compute exactly those formulas from the per-call costs measured in the same run.
 
 Speculative sampling (`temperature=T`, optional `top_p`, `seed`): besides the greedy runs, every drafter
 also decodes every request with speculative sampling (`sampling_entries`: the same drafters in sampling
@@ -54,12 +41,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from specalign.adapters.registry import DRAFT_PREFILL, DRAFT_RESPONSE
 from specalign.data.samples import Request
 from specalign.data.store import FeatureStore, Row
+from specalign.specdec.drafters import report_drafters
+from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.metrics import Acceptance, first_run_matches
 from specalign.specdec.online import (
     Drafter,
@@ -69,12 +60,16 @@ from specalign.specdec.online import (
     Sampling,
     TokenListDrafter,
     greedy_generate,
+    make_engine,
     speculative_generate,
 )
-from specalign.specdec.online_drafters import Eagle3OnlineDrafter, TokenAdapterDrafter
+from specalign.specdec.online_drafters import OnlineDrafter
+from specalign.specdec.replay import rounds_trace
+from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
+from specalign.runtime import derived_seed
 
 log = logging.getLogger("specalign.evaluate")
 
@@ -90,22 +85,35 @@ class Prepared:
     draft: GreedyResult     # EventGPT's free-running greedy response and its per-call costs
 
 
+# what an entry's drafter reads per sequence (adapters/registry.py) -> where a prepared request has it
+REQUESTS: dict[str | None, Callable[[Prepared], Any]] = {
+    DRAFT_RESPONSE: lambda p: p.draft.tokens, DRAFT_PREFILL: lambda p: p.draft_prefill, None: lambda p: None}
+
+
 @dataclass
 class Entry:
-    """A drafter of the report and the engine's per-sequence `request` for it."""
+    """A drafter of the report and what it reads per sequence (the engine's `request`, the target's hidden
+    states)."""
 
     drafter: Drafter
-    request: Callable[[Prepared], Any]
+    request: str | None = None            # DRAFT_RESPONSE | DRAFT_PREFILL | None
     hidden_layers: Sequence[int] = ()
-    reads_draft_response: bool = False    # its input, EventGPT's response, is generated before the run
     runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
+
+    @property
+    def reads_draft_response(self) -> bool:
+        """Its input, EventGPT's response, is generated before the run (part of its setup cost)."""
+        return self.request == DRAFT_RESPONSE
+
+    def request_of(self, p: Prepared) -> Any:
+        return REQUESTS[self.request](p)
 
 
 # ----------------------------------------------------------------------------- requests
 
 def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
-    """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the store's data.root."""
-    from specalign.data.dsec import load_dataset, load_from_config
+    """{sample id: Sample} from `cfg.data` (a conf/data entry), else from the datasets the store records."""
+    from specalign.data.layouts import load_from_config, load_recorded
 
     if cfg.get("data"):
         samples, _ = load_from_config(cfg.data)
@@ -113,10 +121,10 @@ def load_samples(cfg: DictConfig, store: FeatureStore) -> dict:
     datasets = store.manifest.get("datasets") or ([store.manifest["data"]] if store.manifest.get("data") else [])
     if not datasets:
         raise DataError(store.root / "manifest.json", "no dataset recorded",
-                        "pass +data=<conf/data entry> data.root=/path/to/the/dataset")
+                        "pass data=<conf/data entry> data.root=/path/to/the/dataset")
     samples = []
     for d in datasets:  # every dataset extracted into the store (e.g. 1 s and 500 ms clips)
-        samples += load_dataset(d["root"], questions=store.manifest.get("questions"), duration=d.get("duration"))[0]
+        samples += load_recorded(d, store.manifest.get("questions"))
     return {s.id: s for s in samples}
 
 
@@ -128,6 +136,20 @@ def requests_of_rows(rows: list[Row], samples: dict) -> list[Request]:
     return [Request(samples[r.sample_id], r.question_id, r.question) for r in rows]
 
 
+def engine_of(backend):
+    """The backend's model as the online engine decodes it: its `engine` (set by `use_engines`), else the model."""
+    return backend.engine if backend.engine is not None else backend.model
+
+
+def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int]) -> None:
+    """`engine.*` (kind static | dynamic, cuda_graphs, max_len) for both models; a static cache keeps room for
+    the answer and one verification of the largest gamma."""
+    e = cfg.get("engine") or {}
+    for b in backends:
+        b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + max(gammas) + 1, e.get("max_len"),
+                               e.get("cuda_graphs"), e.get("compile"))
+
+
 def prefill_spec(batch) -> dict:
     """The engine's prefill of a one-request Batch: prompt and pixel values, logits of the last position."""
     return {**batch.inputs, "logits_to_keep": 1}
@@ -135,56 +157,36 @@ def prefill_spec(batch) -> dict:
 
 def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos: dict) -> Prepared:
     tp, dp = prefill_spec(target.prepare([request])), prefill_spec(draft.prepare([request]))
-    return Prepared(row, tp, dp, greedy_generate(target.model, tp, max_new_tokens, eos["target"]),
-                    greedy_generate(draft.model, dp, max_new_tokens, eos["draft"]))
+    return Prepared(row, tp, dp, greedy_generate(engine_of(target), tp, max_new_tokens, eos["target"]),
+                    greedy_generate(engine_of(draft), dp, max_new_tokens, eos["draft"]))
 
 
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
-    return {"raw_draft": Entry(TokenListDrafter(), lambda p: p.draft.tokens, reads_draft_response=True),
-            "draft_model": Entry(ModelDrafter(draft.model), lambda p: p.draft_prefill)}
+    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE),
+            DRAFT_MODEL: Entry(ModelDrafter(engine_of(draft)), DRAFT_PREFILL)}
 
 
-def drafter_entries(path: str, draft, device, name: str | None = None,
-                    allow_ablation: bool = True) -> tuple[dict[str, Entry], list[str]]:
-    """The names of the offline report: `drafter`, and `no_draft` for the ablation."""
-    from specalign.adapters.export_format import load_drafter
-    from specalign.adapters.token_adapter import TokenAdapter
-
-    model = load_drafter(path, device)
-    name = name or "drafter"
-    if isinstance(model, TokenAdapter):
-        out = {name: Entry(TokenAdapterDrafter(model), lambda p: p.draft.tokens, reads_draft_response=True)}
-        if model.config.condition_on_draft and allow_ablation:
-            out["no_draft"] = Entry(TokenAdapterDrafter(model, keep_draft=False), lambda p: None)
-        return out, []
-    drafter = Eagle3OnlineDrafter(model, draft.model)
-    notes = [f"'{name}': EAGLE-3 on {model.config.feature_names}; it proposes nothing in the first round."]
-    if drafter.draft_layers:
-        notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one draft "
-                     "forward over the newly accepted tokens per round (inside its drafting time).")
-    return {name: Entry(drafter, lambda p: p.draft_prefill, drafter.target_layers)}, notes
-
-
-def all_entries(cfg: DictConfig, draft) -> tuple[dict[str, Entry], list[str]]:
-    entries, notes = {}, []
-    if cfg.drafter:
-        e, n = drafter_entries(cfg.drafter, draft, cfg.device, allow_ablation=cfg.no_draft is None)
-        entries.update(e)
-        notes += n
-    if cfg.no_draft:
-        e, n = drafter_entries(cfg.no_draft, draft, cfg.device, name="no_draft", allow_ablation=False)
-        entries.update(e)
-        notes += n
-    return {**entries, **baseline_entries(draft)}, notes
+def all_entries(cfg: DictConfig, target, draft) -> tuple[dict[str, Entry], list[str]]:
+    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), then the baselines. On the static
+    engine the drafters' greedy rounds run on static shapes too, where their type offers it."""
+    entries = {}
+    drafters = report_drafters(cfg.drafter, cfg.no_draft, "online", cfg.device)
+    static = target.engine if isinstance(target.engine, StaticDecoder) else None
+    for d in drafters:
+        inputs = partial(d.kind.online_inputs, d.model, engine_of(draft), **d.options)
+        fast = d.kind.static_proposer(d.model, static.cuda_graphs, static.compile) if static else None
+        drafter = OnlineDrafter(d.model, inputs, static=fast)
+        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
+    return {**entries, **baseline_entries(draft)}, [n for d in drafters for n in d.notes]
 
 
 def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
               sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
-    return speculative_generate(target.model, p.target_prefill, entry.drafter, gamma=gamma,
+    return speculative_generate(engine_of(target), p.target_prefill, entry.drafter, gamma=gamma,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
-                                generator=generator, hidden_layers=entry.hidden_layers, request=entry.request(p))
+                                generator=generator, hidden_layers=entry.hidden_layers, request=entry.request_of(p))
 
 
 # ----------------------------------------------------------------------------- speculative sampling
@@ -218,42 +220,26 @@ def shared_vocab(target, draft) -> int:
     return min(target.embed_weight().shape[0], draft.embed_weight().shape[0])
 
 
-def sampling_drafter(drafter: Drafter, sampling: Sampling, generator: torch.Generator) -> Drafter:
-    """The same drafter (shared weights) drawing its proposals from its distribution q, which it returns."""
-    if isinstance(drafter, TokenListDrafter):
-        return TokenListDrafter()                               # fixed tokens: one-hot q
-    if isinstance(drafter, ModelDrafter):                       # TargetAsDrafter included
-        return type(drafter)(drafter.model, sampling, generator)
-    if isinstance(drafter, (TokenAdapterDrafter, Eagle3OnlineDrafter)):
-        return drafter.with_sampling(sampling, generator)
-    raise SpecalignError(f"{type(drafter).__name__} has no sampling mode")
-
-
 def sampling_entries(entries: dict[str, Entry], sampling: Sampling, generator: torch.Generator) -> dict[str, Entry]:
-    return {name: replace(e, drafter=sampling_drafter(e.drafter, sampling, generator), runs={})
-            for name, e in entries.items()}
-
-
-def run_seed(seed: int, request_index: int) -> int:
-    return (int(seed) * 1_000_003 + request_index) % 2**63
+    """The same drafters (shared weights) drawing their proposals from their distribution q, which they return."""
+    return {name: replace(e, drafter=e.drafter.sampled(sampling, generator), runs={}) for name, e in entries.items()}
 
 
 def expected_acceptance(cfg: DictConfig, store: FeatureStore, rows: list[Row], temperature: float) -> dict:
     """name -> the offline mean of sum_x min(p(x), q(x)) over the rows' target greedy positions, for the
-    drafters with a distribution the store can recompute (full stores): the exported drafter(s) and EventGPT."""
+    drafters with a distribution the store can recompute (full stores): the report's drafters and EventGPT."""
     from specalign.specdec import offline
-    from specalign.specdec.drafters import drafter_entries as offline_entries
 
     if not store.has_hidden:
         return {}
     fns = {}
-    for path, name, ablation in ((cfg.drafter, None, cfg.no_draft is None), (cfg.no_draft, "no_draft", False)):
-        if path:
-            try:
-                fns.update(offline_entries(path, store, rows, name=name, allow_ablation=ablation)[1])
-            except SpecalignError as e:      # e.g. an EAGLE-3 whose features the store lacks
-                log.warning("no offline expected acceptance for %s: %s", path, e)
-    fns["draft_model"] = lambda r: offline.head_logits(store, r, "draft")
+    for d in report_drafters(cfg.drafter, cfg.no_draft, "offline"):
+        try:
+            d.kind.check_store(d.model, store)
+            fns[d.name] = offline.drafter_logprobs(d, store)
+        except SpecalignError as e:      # e.g. an EAGLE-3 whose features the store lacks
+            log.warning("no offline expected acceptance for %s: %s", d.name, e)
+    fns[DRAFT_MODEL] = lambda r: offline.head_logits(store, r, "draft")
     return {name: offline.expected_sampling_acceptance(store, rows, fn, temperature) for name, fn in fns.items()}
 
 
@@ -326,7 +312,7 @@ def max_new_tokens_of(cfg: DictConfig, store: FeatureStore) -> int:
 def warm_up(target, draft, request: Request) -> None:
     """First calls pay one-off initialisation: keep it out of the measured costs."""
     for backend in (target, draft):
-        greedy_generate(backend.model, prefill_spec(backend.prepare([request])), 2)
+        greedy_generate(engine_of(backend), prefill_spec(backend.prepare([request])), 2)
 
 
 @dataclass
@@ -342,18 +328,21 @@ class OnlineRuns:
 
 @torch.inference_mode()
 def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
+    from specalign.specdec.evaluate import check_drafters
     from specalign.vlms.registry import build_backends
 
     if not cfg.get("models"):
-        raise SpecalignError("online mode needs the models: +models=<conf/models entry>, e.g. +models=tiny")
+        raise SpecalignError("online mode needs the models: models=<conf/models entry>, e.g. models=tiny")
     store = FeatureStore(cfg.store)
+    check_drafters(store, [cfg.drafter, cfg.no_draft], cfg.get("allow_store_mismatch", False))
     rows = store.select(cfg.split)[: cfg.limit or None]
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
     requests = requests_of_rows(rows, load_samples(cfg, store))
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
-    entries, notes = all_entries(cfg, draft)
+    use_engines(cfg, (target, draft), max_new, gammas)
+    entries, notes = all_entries(cfg, target, draft)
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()
     sampled = sampling_entries(entries, sampling, generator) if sampling else {}
@@ -366,7 +355,7 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
         for entry in sampled.values():
             for g in gammas:
-                generator.manual_seed(run_seed(seed, i))
+                generator.manual_seed(derived_seed(seed, i))
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"],
                                                               sampling, generator))
         log.info("online %d/%d: %s", i + 1, len(rows), row.key)
@@ -396,7 +385,9 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
               "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
-              "checks": checks, "notes": runs.notes + check_notes(checks)}
+              "checks": checks, "notes": runs.notes + check_notes(checks),
+              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
+                               for name, e in runs.entries.items()}}
     if runs.sampling:
         report["sampling_online"] = sampling_report(cfg, gammas, runs)
         report["notes"].append(sampling_note(runs))

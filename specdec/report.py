@@ -5,6 +5,7 @@ Structure of report.json:
     {"config": {...}, "store": {...manifest identity...}, "split": "test", "gammas": [..],
      "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
+     "rounds_trace": {name: {"<gamma>": [[accepted draft tokens of each round] per request]}},
      # online mode (specdec/online_eval.py):
      "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
                "draft": {prefill_s, decode_s, tokens_per_s},
@@ -23,6 +24,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from specalign.io import atomic_path, write_json, write_text
+
+# The baselines every report shows beside its drafters (specdec/offline.py, specdec/online_eval.py)
+RAW_DRAFT = "raw_draft"       # the draft model's own free-running greedy tokens, proposed position by position
+DRAFT_MODEL = "draft_model"   # the draft model as an ordinary draft model
+BASELINES = (RAW_DRAFT, DRAFT_MODEL)
+STORED = "stored:"            # prefix of the token lists stored with the pairs (e.g. an earlier adapter's)
+
+
+def is_baseline(name: str) -> bool:
+    return name in BASELINES or name.startswith(STORED)
+
+
+def entry_label(report: str, name: str) -> str:
+    """The name of a report's entry across reports: a baseline by its own name, the report's drafter by the
+    report's, its other drafters as "<report> (<name>)" (e.g. "token_adapter (no_draft)")."""
+    return name if is_baseline(name) else report if name == "drafter" else f"{report} ({name})"
 
 
 def markdown_table(report: dict) -> str:
@@ -126,13 +143,12 @@ def prefill_hiding_lines(h: dict) -> list[str]:
 
 
 def plot_report(report: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure of its own canvas: no pyplot state, no backend switch
 
     paths = []
     g0 = report["gammas"][-1]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, per_gamma in report["results"].items():
         at = per_gamma[str(g0)]["alpha_at"]
         ks = [k for k, a in enumerate(at) if a is not None]
@@ -142,7 +158,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / "alpha_by_position.png"))
     if len(report["gammas"]) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for name, per_gamma in report["results"].items():
             ax.plot(report["gammas"], [per_gamma[str(g)]["tau"] for g in report["gammas"]], marker="o", label=name)
         ax.set(xlabel="γ (draft tokens per round)", ylabel="τ (tokens per round)", title="mean accepted length")
@@ -153,11 +170,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

@@ -14,12 +14,12 @@ from specalign.data.dsec import (
     duration_of_root,
     duration_seconds,
     load_dataset,
-    load_from_config,
     read_event_images,
     sample_from_row,
     write_image,
 )
 from specalign.data.events import EVENT_DTYPE, save_event_clip
+from specalign.data.layouts import load_from_config
 from specalign.data.samples import Sample
 from specalign.data.video import write_video
 
@@ -156,8 +156,9 @@ def test_conf_data_entries(pristine):
     assert set(entries) >= {"synthetic_1s", "synthetic_500ms", "dsec_1s", "dsec_500ms"}
     for name in ("synthetic_1s", "synthetic_500ms", "dsec_1s", "dsec_500ms"):
         cfg = entries[name]
-        assert set(cfg) >= {"root", "duration", "allow_pickle", "questions", "limit"}
+        assert set(cfg) >= {"layout", "root", "duration", "allow_pickle", "questions", "limit"}
         assert cfg.allow_pickle is False and cfg.duration == name.split("_")[1]
+        assert cfg.layout == name.split("_")[0]
     for name in ("synthetic_1s", "synthetic_500ms"):   # the synthetic JSON answers exactly these
         assert list(entries[name].questions) == captions.questions()
         assert entries[name].root.endswith(name)

@@ -4,10 +4,9 @@ of features with labels (oracle features), overfitting, padding."""
 import pytest
 import torch
 from conftest_train import LAYERS, H, V, make_store
-from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Module, Eagle3Type, build_vocab_maps
 from specalign.data.store import FeatureStore
 from specalign.train.datamodule import FeatureRows, collate_features
-from specalign.train.modules import Eagle3Module
 
 NAMES = [f"target.h{i}" for i in LAYERS]
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-2, "weight_decay": 0.0}
@@ -62,14 +61,14 @@ def test_propose_unrolls_exactly_like_ttt_on_its_own_tokens():
     m = random_drafter(1)
     g = torch.Generator().manual_seed(1)
     feats, tokens = torch.randn(10, 3 * H, generator=g), torch.randint(0, V, (10,), generator=g).tolist()
-    assert m.propose(feats, [], 3) == []
-    lp = m.logits(feats, tokens)                                          # row j predicts r_j
+    assert m.propose(feats, [], 3) == ([], None)
+    lp = m.next_logprobs({"feats": feats[None], "tokens": torch.tensor([tokens])})[0]   # row j predicts r_j
     assert lp.shape == (10, V) and torch.isinf(lp[0]).all()
     torch.testing.assert_close(lp[1:].exp().sum(-1), torch.ones(9))
     for p in range(1, 8):
-        assert m.propose(feats, tokens[:p], 1) == [int(lp[p].argmax())]
-        prop = m.propose(feats, tokens[:p], 4)
-        assert m.propose(feats[:p], tokens[:p], 4) == prop                # rows >= p are never read
+        assert m.propose(feats, tokens[:p], 1)[0] == [int(lp[p].argmax())]
+        prop = m.propose(feats, tokens[:p], 4)[0]
+        assert m.propose(feats[:p], tokens[:p], 4)[0] == prop             # rows >= p are never read
         seq = torch.tensor([tokens[:p] + prop])
         logits = m.ttt(torch.cat([feats[:p], torch.randn(4, 3 * H)])[None], seq, 4)
         assert [int(m.to_target(logits[k][0, p - 1].argmax())) for k in range(4)] == prop
@@ -83,8 +82,9 @@ def feature_batch(store_dir, split):
 
 def module(store_dir, **kw) -> Eagle3Module:
     torch.manual_seed(0)
-    return Eagle3Module(model=tiny_config(**kw).to_dict(), optimizer=OPTIM, scheduler=SCHED,
-                        store=str(store_dir))
+    mod = Eagle3Module(model=tiny_config(**kw).to_dict(), optimizer=OPTIM, scheduler=SCHED)
+    mod.init_from_store(FeatureStore(store_dir), "train")
+    return mod
 
 
 def test_oracle_features_reproduce_the_target_tokens(tmp_path):
@@ -109,7 +109,7 @@ def test_oracle_features_reproduce_the_target_tokens(tmp_path):
         n = int(b["length"][i])
         target = b["tokens"][i, :n].tolist()
         for p in range(1, n):
-            assert m.propose(b["feats"][i, :n], target[:p], 1) == [target[p]]
+            assert m.propose(b["feats"][i, :n], target[:p], 1)[0] == [target[p]]
 
 
 def test_drafter_overfits_a_handful_of_samples(tmp_path):
@@ -142,8 +142,7 @@ def test_padding_does_not_change_the_loss(tmp_path):
 @pytest.mark.parametrize("source,width", [("target", 3 * H), ("both", 3 * H + 3 * 16)])
 def test_feature_sources_set_the_fc_input(tmp_path, source, width):
     from conftest_train import TINY_EAGLE3, train_config
-    from specalign.train.train import eagle3_config
     store = make_store(tmp_path / "s")
     cfg = train_config(store, tmp_path / "run", *TINY_EAGLE3, f"adapter.feature_source={source}")
-    c = eagle3_config(dict(cfg.adapter), FeatureStore(store), "train")
+    c = Eagle3Type().configure(dict(cfg.adapter), FeatureStore(store), "train")
     assert c.fc_in_features == width and c.feature_names[:3] == NAMES

@@ -19,7 +19,7 @@ from transformers import CLIPVisionModel
 
 from specalign.errors import DataError
 
-# The released checkpoint's names (design.md, "The two VLMs"), literally.
+# The released checkpoint's names (docs/design.md, "The two VLMs"), literally.
 RELEASED_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.",
                      "model.visual_tower.visual_tower.vision_model.", "model.visual_projector.0.",
                      "model.visual_projector.2.", "model.feature_adaptor.")
@@ -171,3 +171,70 @@ def test_hf_generate_with_kv_cache_matches_full_recompute(model, config):
         for token in new:
             assert int(model(input_ids=seq, event_tensors=ev).logits[0, -1].argmax()) == token
             seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+
+
+# ---------------------------------------------------------------------------- released checkpoints
+
+def released_style(model, tmp_path, **config_changes):
+    """The model saved as the released files are: no vision_config in config.json, the tower named by
+    `mm_visual_tower` (a hub id, not a local directory) and its weights inside the checkpoint."""
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "use_feature_adaptor")}
+    cfg |= {"mm_visual_tower": "openai/clip-vit-large-patch14-336", "event_feature_adaptor": True,
+            **config_changes}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_tower_config_from_the_weights_when_config_names_none(tmp_path):
+    """A small tower with CLIP's 64 channels per head, not ViT-L/14-336: its width, patch, image size, depth,
+    MLP width and the projector's input width come from the weights."""
+    tower = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 1,
+             "patch_size": 14, "image_size": 42}
+    config = tiny_draft_config(build_tokenizer()).to_dict() | {"vision_config": tower, "mm_hidden_size": 64}
+    config = EventChatConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_version")})
+    torch.manual_seed(0)
+    model = EventChatForCausalLM(config).eval()
+    loaded = EventChatForCausalLM.from_pretrained(released_style(model, tmp_path))
+    vision = loaded.config.vision_config
+    assert {k: getattr(vision, k) for k in tower} == tower and loaded.config.mm_hidden_size == 64
+    torch.testing.assert_close(logits(loaded, config), logits(model, config), rtol=0, atol=0)
+
+
+def test_tower_config_from_a_local_mm_visual_tower(model, config, tmp_path):
+    CLIPVisionModel(config.vision_config).config.save_pretrained(tmp_path / "clip")
+    loaded = EventChatForCausalLM.from_pretrained(released_style(model, tmp_path / "ckpt", mm_visual_tower="../clip"))
+    assert loaded.config.vision_config.image_size == config.vision_config.image_size
+    torch.testing.assert_close(logits(loaded, config), logits(model, config), rtol=0, atol=0)
+
+
+def test_feature_adaptor_exists_when_its_key_exists(model, config, tmp_path):
+    """As the released code (`hasattr(config, "event_feature_adaptor")`): the key's value does not matter."""
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["use_feature_adaptor"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"event_feature_adaptor": False}))
+    loaded = EventChatForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.feature_adaptor is not None
+    torch.testing.assert_close(logits(loaded, config), logits(model, config), rtol=0, atol=0)
+    assert EventChatConfig(vocab_size=16).use_feature_adaptor is False
+
+
+def test_tokenizer_beside_the_checkpoint_is_optional(tmp_path):
+    """Without tokenizer files the draft uses the target's tokenizer when config.json has the ids it gives."""
+    from specalign.vlms.registry import build_backends
+    from specalign.vlms.tiny import save_tiny_pair
+
+    target_dir, draft_dir = save_tiny_pair(tmp_path)
+    with_tokenizer = build_backends({"target": {"path": target_dir}, "draft": {"path": draft_dir}, "quant": "fp32"})[1]
+    for f in draft_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    target, draft = build_backends({"target": {"path": target_dir}, "draft": {"path": draft_dir}, "quant": "fp32"})
+    assert draft.tokenizer is target.tokenizer and draft.eos_id == with_tokenizer.eos_id
+    assert draft.prompt_ids("What is happening?", 3) == with_tokenizer.prompt_ids("What is happening?", 3)
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    (draft_dir / "config.json").write_text(json.dumps(cfg | {"eos_token_id": 7}))
+    with pytest.raises(DataError, match=rf"{draft_dir}: no tokenizer beside the checkpoint, and its config.json's ids"):
+        build_backends({"target": {"path": target_dir}, "draft": {"path": draft_dir}, "quant": "fp32"})

@@ -230,3 +230,47 @@ def test_garbage_and_unstructured_files(tmp_path):
         with pytest.raises(DataError) as err:
             load_events(path)
         assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _record(**changes):
+    base = {"x": np.array([1, 2, 3], np.uint16), "y": np.array([1, 2, 3], np.uint16),
+            "t": np.array([0, 10, 20], np.int64), "p": np.array([0, 1, 1], np.uint8)}
+    return {**base, **{k: np.asarray(v) for k, v in changes.items()}}
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"t": [0.0, np.nan, 20.0]}, r"event field t holds 1 NaN or infinite values \(first at event 1\)"),
+    ({"t": [0.0, 10.0, np.inf]}, r"event field t holds 1 NaN or infinite values \(first at event 2\)"),
+    ({"y": [1, 70000, 3]}, r"event field y = 70000 at event 1 is outside the sensor \(0 <= y < 65536\)"),
+    ({"x": [-1, 2, 3]}, r"event field x = -1 at event 0 is outside the sensor"),
+    ({"x": [1.5, 2.0, 3.0]}, r"event field x holds non-integer values \(event 0: 1.5\)"),
+    ({"x": [1.0, np.nan, 3.0]}, r"event field x holds 1 NaN"),
+    ({"p": [0, 2, 1]}, r"event polarity must be in \{0, 1\} or \{-1, 1\}, found \[2\]"),
+    ({"p": [-1, 0, 1]}, r"event polarity must be in .* beside both 0 and -1"),
+    ({"x": [1, 2, 64], "width": 64, "height": 48}, r"event field x = 64 at event 2 is outside the sensor \(0 <= x < 64\)"),
+])
+def test_invalid_event_arrays_are_refused_naming_the_file(tmp_path, changes, problem):
+    """NaN or inf timestamps became INT64_MIN and y = 70000 wrapped to 4464 when cast to the packed dtype."""
+    path = tmp_path / "clip.npy"
+    save_pickled_dict(path, _record(**changes))
+    with pytest.raises(DataError, match=rf"^{path}: {problem}"):
+        load_events(path)
+
+
+def test_sensor_argument_bounds_files_without_their_size(tmp_path):
+    path = tmp_path / "dsec.npy"
+    save_pickled_dict(path, _record(y=[1, 479, 480]))
+    with pytest.raises(DataError, match=r"y = 480 at event 2 is outside the sensor \(0 <= y < 480\)"):
+        load_events(path, sensor=(640, 480))
+    assert len(load_events(path)) == 3          # without a sensor size only the packed range applies
+
+
+def test_minus_one_polarity_and_unsorted_time_are_accepted(tmp_path, caplog):
+    path = tmp_path / "clip.npy"
+    save_pickled_dict(path, _record(t=[20, 0, 10], p=[-1, 1, -1]))
+    with caplog.at_level("WARNING"):
+        ev = load_events(path)
+    assert ev["t"].tolist() == [0, 10, 20] and ev["p"].tolist() == [1, 0, 0]
+    assert "not in order; sorted them" in caplog.text

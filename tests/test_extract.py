@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -22,6 +23,7 @@ from specalign.data.samples import Request, requests_of
 from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
 from specalign.train.extract import ExtractionModule, extract
+from specalign.train.extract import main as extract_main
 from specalign.vlms.registry import build_backends
 
 from specalign.errors import StoreMismatch, SystematicFailure
@@ -63,8 +65,9 @@ def reference(dataset, tmp_path_factory) -> tuple[FeatureStore, str]:
 
 
 def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
+    """Same rows, features and manifest; the checksums describe the shard files, which DDP lays out otherwise."""
     assert [r.key for r in a.rows] == [r.key for r in b.rows]
-    assert a.manifest == b.manifest
+    assert {**a.manifest, "checksums": None} == {**b.manifest, "checksums": None}
     for ra, rb in zip(a.rows, b.rows):
         assert (ra.target_tokens, ra.draft_tokens, ra.split) == (rb.target_tokens, rb.draft_tokens, rb.split)
         for name in a.feature_names("target") + a.feature_names("draft"):
@@ -159,6 +162,7 @@ def test_killed_run_resumes_to_the_uninterrupted_store(dataset, reference, tmp_p
     run = cli(dataset, out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_store(FeatureStore(out), reference[0])
+    assert FeatureStore(out).manifest["checksums"] == reference[0].manifest["checksums"]   # the same files
     assert not list(out.rglob("*.tmp"))
 
 
@@ -186,6 +190,66 @@ def test_a_bad_clip_is_skipped_and_recorded(dataset, tmp_path):
     assert sorted(e["key"] for e in errors) == [f"{bad_id}#{q}" for q in range(QUESTIONS_PER_CLIP)]
     assert all(str(bad) in e["reason"] for e in errors)
     assert store.manifest["counts"]["errors"] == QUESTIONS_PER_CLIP
+
+
+def test_clip_with_invalid_events_is_skipped_per_request_with_the_file(dataset, tmp_path, capsys):
+    """Clip 1's raw events hold y = 70000 (its event frames are fine): its requests are skipped and recorded,
+    each with the event file and the reason, and the console's totals add up."""
+    root = corrupt_copy(dataset, tmp_path, clips=[])
+    events = sorted((root / "event_npy").rglob("*.npy"))[1]
+    record = np.load(events, allow_pickle=True).item()
+    record["y"] = record["y"].astype(np.int64)
+    record["y"][5] = 70_000
+    holder = np.empty((), dtype=object)
+    holder[()] = record
+    np.save(events, holder, allow_pickle=True)
+    extract_main.run(config(root, tmp_path / "store", "max_new_tokens=4"))
+    good_id, bad_id = clip_ids(root)
+    store = FeatureStore(tmp_path / "store")
+    assert {r.sample_id for r in store.rows} == {good_id}
+    errors = store.errors()
+    assert sorted(e["key"] for e in errors) == [f"{bad_id}#{q}" for q in range(QUESTIONS_PER_CLIP)]
+    assert all(e["path"] == str(events) and "y = 70000 at event 5 is outside the sensor" in e["reason"]
+               for e in errors)
+    assert f"{N_REQUESTS} requests, {QUESTIONS_PER_CLIP} written, {QUESTIONS_PER_CLIP} skipped" in capsys.readouterr().out
+
+
+def test_unreadable_clip_is_recorded_once_per_request(dataset, tmp_path):
+    """A clip whose video is missing never reaches the models: one error line per (clip, question) request,
+    not one per clip, so that written + skipped = requested."""
+    root = corrupt_copy(dataset, tmp_path, clips=[])
+    video = sorted((root / "mp4").rglob("*.mp4"))[1]
+    video.unlink()
+    store = FeatureStore(extract(config(root, tmp_path / "store", "max_new_tokens=4")))
+    errors = store.errors()
+    assert len(errors) == QUESTIONS_PER_CLIP and {e["path"] for e in errors} == {str(video)}
+    c = store.manifest["counts"]
+    assert (c["rows"], c["errors"]) == (QUESTIONS_PER_CLIP, QUESTIONS_PER_CLIP)
+
+
+def test_rows_with_non_finite_features_are_skipped_and_recorded(dataset):
+    """A request whose captured features hold NaN (here injected into the model's output) is recorded as
+    skipped with the reason; the batch's other requests are written."""
+    target, draft = build_backends({"tiny": True, "quant": "fp32"}, "cpu")
+    module = ExtractionModule(target, draft, 4)
+    requests = requests_of(load_dataset(dataset)[0])[:3]
+    real_run = module.run
+
+    def run_with_a_nan(batch):
+        rows, feats = real_run(batch)
+        start = sum(len(r["target_tokens"]) for r in rows[:1])       # first token of the second request
+        with torch.inference_mode():                                 # the features are inference tensors
+            feats["target.h4"][start + 1, 0] = float("nan")
+        return rows, feats
+
+    module.run = run_with_a_nan
+    out = module.predict_step(requests, 0)
+    assert [r["question_id"] for r in out["rows"]] == [requests[0].question_id, requests[2].question_id]
+    (key, reason, path), = out["errors"]
+    assert key == requests[1].key and path is None
+    assert reason == "non-finite features: target.h4 holds NaN or inf at token 1"
+    n = sum(len(r["target_tokens"]) for r in out["rows"])
+    assert all(t.shape[0] == n and torch.isfinite(t.float()).all() for t in out["tensors"].values())
 
 
 def test_fail_fast_after_counts_failures_before_the_first_success(dataset, tmp_path):
@@ -227,9 +291,9 @@ def test_extract_into_a_store_of_other_models_is_refused(reference, tmp_path):
     """The tiny pair's architecture (config hash) does not depend on its seed: the seed is recorded."""
     store, _ = reference
     assert store.manifest["target"]["seed"] == 0
-    with pytest.raises(StoreMismatch, match=r"(?s)target.seed: expected 1, store has 0.*Choose another `out=`"):
+    with pytest.raises(StoreMismatch, match=r"target.weights: .*target.seed: this run has 1, store has 0.*choose another"):
         extract(config(store.manifest["data"]["root"], store.root, "models.seed=1"))
-    with pytest.raises(StoreMismatch, match=r"target.quant: expected 'bf16', store has 'fp32'"):
+    with pytest.raises(StoreMismatch, match=r'target.quant: this run has "bf16", store has "fp32"'):
         extract(config(store.manifest["data"]["root"], store.root, "models.quant=bf16"))
     assert FeatureStore(store.root).manifest["status"] == "complete"
 

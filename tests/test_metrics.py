@@ -71,3 +71,25 @@ def test_expected_accept_is_overlap_of_distributions():
     q = torch.tensor([0.25, 0.25, 0.5])
     assert torch.isclose(expected_accept(p, q), torch.tensor(0.5))
     assert torch.isclose(expected_accept(p, p), torch.tensor(1.0))
+
+
+def test_rounds_from_runs_are_the_rounds_of_the_round_by_round_walk():
+    """Token lists shorter, as long and longer than the response, at every gamma: the runs of a list
+    (`token_runs`) walked by `rounds_from_runs` give exactly `simulate_greedy`'s rounds."""
+    from specalign.specdec.metrics import rounds_from_runs, token_runs
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, m = int(torch.randint(1, 15, (1,), generator=g)), int(torch.randint(0, 18, (1,), generator=g))
+        target = torch.randint(0, 3, (n,), generator=g).tolist()       # a small alphabet: many matches
+        draft = torch.randint(0, 3, (m,), generator=g).tolist()
+        for gamma in (1, 2, 4, 7):
+            expected = simulate_greedy(target, raw_draft_proposer(draft), gamma)
+            assert rounds_from_runs(*token_runs(draft, target), n, gamma) == expected, (target, draft, gamma)
+
+
+def test_match_runs_counts_consecutive_hits_from_each_position():
+    from specalign.specdec.metrics import match_runs
+
+    hit = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert match_runs(hit).tolist() == [[2, 1, 0, 3, 2, 1], [0, 0, 0, 0, 0, 1]]

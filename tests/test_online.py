@@ -13,13 +13,14 @@ from specalign.specdec.metrics import Acceptance, raw_draft_proposer, simulate_g
 from specalign.specdec.online import (
     ModelDrafter,
     Sampling,
-    TargetAsDrafter,
     TokenListDrafter,
     greedy_generate,
     run_prefill,
     speculative_generate,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.engine_drafters import TargetAsDrafter
 
 VOCAB, GAMMA, MAX_NEW, EOS = 96, 4, 24, 1
 

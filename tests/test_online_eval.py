@@ -19,7 +19,7 @@ from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
 from specalign.specdec.evaluate import evaluate_offline
 from specalign.specdec.metrics import Acceptance
-from specalign.specdec.online import Sampling, TargetAsDrafter, speculative_generate
+from specalign.specdec.online import Sampling, speculative_generate
 from specalign.specdec.online_eval import (
     eos_ids,
     load_samples,
@@ -36,6 +36,7 @@ from specalign.train.train import main as train_main
 from specalign.vlms.registry import build_backends
 
 from specalign.paths import CONF_DIR, REPO_ROOT
+from tests.engine_drafters import TargetAsDrafter
 
 GAMMAS, MAX_NEW, CLIPS = [2, 4], 16, 32
 QUESTION = "What is happening in this scene?"
@@ -74,7 +75,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def online_config(world: dict, drafter: str, no_draft: str | None = None, *overrides: str):
-    return config("evaluate", f"store={world['store']}", "mode=online", "+models=tiny", "split=test",
+    return config("evaluate", f"store={world['store']}", "mode=online", "models=tiny", "split=test",
                   f"gamma=[{','.join(map(str, GAMMAS))}]", f"drafter={world[drafter]}", "out=unused",
                   f"no_draft={world[no_draft] if no_draft else 'null'}", *overrides)
 
@@ -104,13 +105,17 @@ def test_online_greedy_output_is_the_target_greedy_output(online, which):
 
 @pytest.mark.parametrize("which", ["token_adapter", "eagle3"])
 def test_online_acceptance_equals_offline_simulation(online, world, which):
+    """Per drafter and gamma: the same acceptance summary, and round for round the same accepted lengths
+    (`rounds_trace`, what bench/specdec.py replays), on the online static engine and offline."""
     cfg, runs = online[which]
-    on = online_report(cfg, GAMMAS, runs)["results"]
-    off = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)["results"]
+    on_report = online_report(cfg, GAMMAS, runs)
+    off_report = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, cfg.no_draft)
+    on, off = on_report["results"], off_report["results"]
     assert set(on) <= set(off)
     for name in on:
         for g in map(str, GAMMAS):
             assert on[name][g] == off[name][g], (name, g)
+            assert on_report["rounds_trace"][name][g] == off_report["rounds_trace"][name][g], (name, g)
     assert on["drafter"]["2"]["accepted"] > 0, "the trained drafter should get drafts accepted"
 
 
@@ -119,7 +124,7 @@ def test_online_eagle3_features_are_the_stored_rows(online, world):
     _, runs = online["eagle3"]
     drafter, row = runs.entries["drafter"].drafter, runs.prepared[-1].row
     store = FeatureStore(world["store"])
-    for name, rows in drafter.rows.items():
+    for name, rows in drafter.inputs.rows.items():
         got = torch.cat(rows).float()[: len(row.target_tokens)]
         assert len(got) == len(row.target_tokens) if name.startswith("target.") else len(got) > 1, name
         torch.testing.assert_close(got, store.hidden(row, name)[: len(got)].float(), atol=2e-2, rtol=2e-2)
@@ -144,7 +149,7 @@ def test_target_as_its_own_drafter_is_always_accepted(world):
 def test_cli_writes_the_online_report(world, tmp_path):
     """Greedy results, costs and speedups, and (temperature=1.0) the speculative-sampling table."""
     out = tmp_path / "report"
-    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "+models=tiny",
+    cmd = [sys.executable, "-c", "from specalign.cli import main; main()", "evaluate", "mode=online", "models=tiny",
            f"store={world['store']}", f"drafter={world['token_adapter']}", "split=test", "limit=2", "gamma=[2,3]",
            "temperature=1.0", f"out={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -177,6 +182,29 @@ def test_cli_writes_the_online_report(world, tmp_path):
             assert RESULT_KEYS <= set(s) and s["samples"] == 2 and s["temperature"] == 1.0
             assert (s["expected_alpha"] is None) == (name == "raw_draft")
     assert "Online speculative sampling" in md
+
+
+def test_a_drafter_type_from_outside_the_package_trains_exports_and_evaluates(world, tmp_path):
+    """tests/toy_drafter.py registers a bigram drafter the package has no code for. `specalign train`
+    trains it (its config from tests/conf), export writes and reads it back, and both evaluations run it
+    as they run the built-in types: online its greedy output is the target's and its acceptance equals the
+    offline simulation's, also in sampling mode."""
+    from toy_drafter import CONF
+
+    train_main.run(config("train", f"store={world['store']}", f"out={tmp_path / 'run'}", "adapter=bigram",
+                          f"hydra.searchpath=[file://{CONF}]", "trainer.max_steps=40", *ADAPTER_STEPS[1:]))
+    drafter = export_run(tmp_path / "run", tmp_path / "drafter")
+    assert json.loads((drafter / "config.json").read_text())["drafter_type"] == "bigram"
+    off = evaluate_offline(world["store"], "test", GAMMAS, str(drafter))["results"]
+    assert set(off) == {"drafter", "raw_draft", "draft_model"}
+    cfg = online_config({**world, "bigram": drafter}, "bigram", None, "temperature=1.0")
+    runs = run_online(cfg, GAMMAS)
+    on = online_report(cfg, GAMMAS, runs)["results"]
+    for g in GAMMAS:
+        assert [r.tokens for r in runs.entries["drafter"].runs[g]] == [p.row.target_tokens for p in runs.prepared]
+        assert on["drafter"][str(g)] == off["drafter"][str(g)], g
+        assert all(len(r.tokens) > 0 for r in runs.sampled["drafter"].runs[g])
+    assert off["drafter"]["2"]["accepted"] > 0, "the trained bigram should get drafts accepted"
 
 
 # ----------------------------------------------------------------------------- speculative sampling

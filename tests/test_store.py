@@ -139,3 +139,120 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path):
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (killed, clean))
     assert ma["counts"] == mb["counts"]
     assert not list(killed.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------- integrity
+
+def _finished(root, n=4, seed=0):
+    rows = _rows(n)
+    w = StoreWriter(root, MANIFEST)
+    w.write_shard(rows, _tensors(rows, seed))
+    w.save_heads({"target.lm_head": torch.randn(50, 8)})
+    w.finalize()
+    return rows
+
+
+def _set_bf16(shard, manifest_free: bool, value: float, name: str, element: int):
+    """Overwrite one bf16 element of a shard's tensor `name` in place; optionally drop the manifest's
+    checksums (a store written before them)."""
+    from specalign.data.store import read_header
+
+    header, _ = read_header(shard)
+    start = json.loads(header)[name]["data_offsets"][0]
+    data = bytearray(shard.read_bytes())
+    at = 8 + len(header) + start + 2 * element
+    data[at:at + 2] = torch.tensor([value], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    shard.write_bytes(bytes(data))
+    if manifest_free:
+        m = shard.parent.parent / "manifest.json"
+        m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "checksums"}))
+
+
+def test_writer_refuses_non_finite_features_and_drop_nonfinite_skips_them(tmp_path):
+    from specalign.data.store import drop_nonfinite
+
+    rows = _rows(3)
+    tens = _tensors(rows, 0)
+    second = len(rows[0]["target_tokens"])            # first token of the second row
+    tens["draft.h3"][second + 1, 5] = float("nan")
+    tens["target.final"][0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"row s000#0: non-finite features: target.final holds NaN or inf at token 0"):
+        StoreWriter(tmp_path / "a", MANIFEST).write_shard(rows, tens)
+    kept, kept_tens, errors = drop_nonfinite(rows, tens)
+    assert [r["sample_id"] for r in kept] == ["s002"]
+    assert [(k, "draft.h3" in r or "target.final" in r) for k, r in errors] == [("s000#0", True), ("s001#0", True)]
+    assert "draft.h3 holds NaN or inf at token 1" in errors[1][1]
+    third = slice(second + len(rows[1]["target_tokens"]), None)
+    assert all(torch.equal(kept_tens[k], tens[k][third]) for k in tens)
+    w = StoreWriter(tmp_path / "b", MANIFEST)
+    w.write_shard(kept, kept_tens)
+    w.finalize()
+    assert [r.key for r in FeatureStore(tmp_path / "b").rows] == ["s002#0"]
+
+
+@pytest.mark.parametrize("with_checksums", [True, False])
+def test_non_finite_value_in_a_shard_is_found_on_read(tmp_path, with_checksums, caplog):
+    """A NaN that reached a shard after it was written: a checksum mismatch naming the shard, or, in a store
+    from before checksums (which loads with a log line), the shard and the row that holds it."""
+    _finished(tmp_path)
+    store = FeatureStore(tmp_path)
+    row = store.rows[1]
+    shard = tmp_path / "shards" / f"{row.shard}.safetensors"
+    _set_bf16(shard, not with_checksums, float("nan"), "draft.final", 8 * (row.offset + 1) + 3)  # row 1, token 1
+    with caplog.at_level("WARNING"):
+        store = FeatureStore(tmp_path)
+    assert ("written before shard checksums" in caplog.text) != with_checksums
+    message = "checksum mismatch: its tensor bytes changed" if with_checksums else rf"row {row.key}: draft.final holds NaN"
+    with pytest.raises(DataError, match=rf"{row.shard}\.safetensors: {message}"):
+        store.hidden(store.rows[0], "target.h2")         # any read of the shard verifies all of it
+
+
+def test_bit_flips_in_shard_heads_and_row_table_are_named(tmp_path):
+    _finished(tmp_path)
+    store = FeatureStore(tmp_path)
+    row = store.rows[0]
+    shard = tmp_path / "shards" / f"{row.shard}.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01                                  # one bit of some feature value
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{row.shard}\.safetensors: checksum mismatch"):
+        FeatureStore(tmp_path).hidden(row, "target.h3")
+    heads = tmp_path / "heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    data[-7] ^= 0x10
+    heads.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"heads\.safetensors: checksum mismatch"):
+        FeatureStore(tmp_path).heads()
+    table = tmp_path / "rows.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    table.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"rows\.parquet: checksum mismatch"):
+        FeatureStore(tmp_path)
+
+
+def test_truncated_heads_and_row_table_are_one_line_errors(tmp_path):
+    _finished(tmp_path)
+    heads, table = tmp_path / "heads.safetensors", tmp_path / "rows.parquet"
+    heads.write_bytes(heads.read_bytes()[:-40])
+    with pytest.raises(DataError, match=r"heads\.safetensors: tensor 'target.lm_head' .* does not fit"):
+        FeatureStore(tmp_path).heads()
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "checksums"}))
+    table.write_bytes(table.read_bytes()[:-200])
+    with pytest.raises(DataError, match=r"rows\.parquet: unreadable row table .*truncated or damaged") as e:
+        FeatureStore(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_verification_reads_each_shard_once_per_process(tmp_path, monkeypatch):
+    import specalign.data.store as store_module
+
+    _finished(tmp_path)
+    calls = []
+    scan = store_module.scan_tensors
+    monkeypatch.setattr(store_module, "scan_tensors", lambda t: calls.append(1) or scan(t))
+    for _ in range(3):                                   # e.g. a DataModule, a module and a dataset each open it
+        s = FeatureStore(tmp_path)
+        s.hidden(s.rows[0], "target.h2")
+    assert len(calls) == 1

@@ -22,10 +22,10 @@ from specalign.train.teach import (
     token_accuracy,
     world_config,
 )
-from specalign.vlms.draft_backend import load_draft
+from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.hf_backend import left_pad
-from specalign.vlms.target_backend import TargetBackend, load_target
 from specalign.vlms.tiny import tiny_pair
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 
 CLIPS = 8   # 7 train clips, 1 test clip, no val clip (seed-independent split by clip id)
 FAST = {"durations": ["1s"], "clips": CLIPS, "epochs": 2, "val_clips": 1, "val_every": 1, "max_new_tokens": 8}
@@ -52,7 +52,7 @@ def clips(world):
 @pytest.fixture
 def target():
     model, _, tokenizer = tiny_pair(0)
-    return TargetBackend(model, tokenizer)
+    return VideoLlavaBackend(model, tokenizer)
 
 
 def test_examples_use_the_extraction_prompt_and_the_target_style_reference(clips, target):
@@ -99,7 +99,8 @@ def test_cached_pair_loads_and_generates_and_is_reused(world, clips, tmp_path, m
     assert draft_dir.parent == entry and json.loads((entry / "done.json").read_text())["key"] == entry.name
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]          # no temp directory left
     requests = [Request(clips[1][0], 0, clips[1][0].questions[0])]
-    for backend in (load_target(target_dir, quant="fp32"), load_draft(draft_dir, quant="fp32")):
+    for backend in (VideoLlavaBackend.from_pretrained(target_dir, quant="fp32"),
+                    EventGPTBackend.from_pretrained(draft_dir, quant="fp32")):
         response = backend.generate(backend.prepare(requests), 8)[0]
         assert response and backend.decode(response).strip()
 

@@ -44,8 +44,8 @@ def test_propose_reads_the_position_that_predicts_r_p():
     draft, target = b["draft"][0].tolist(), b["target"][0].tolist()
     lp = m.logits(b["draft"], b["draft_len"], b["target"])[0]           # position j predicts r_j
     for p in range(len(target)):
-        assert m.propose(draft, target[:p], 1) == [int(lp[p].argmax())]
-        assert m.propose(draft, target[:p], 4) == greedy_by_logits(m, draft, target[:p], 4)
+        assert m.propose(draft, target[:p], 1)[0] == [int(lp[p].argmax())]
+        assert m.propose(draft, target[:p], 4)[0] == greedy_by_logits(m, draft, target[:p], 4)
 
 
 def test_ablation_ignores_draft_tokens_entirely():
@@ -93,7 +93,7 @@ def test_conditioned_adapter_overfits_to_100_percent_through_the_draft():
     for i in range(6):
         n = int(b["target_len"][i])
         draft, target = b["draft"][i, : b["draft_len"][i]].tolist(), b["target"][i, :n].tolist()
-        rounds = simulate_greedy(target, lambda p, g, d=draft, t=target: m.propose(d, t[:p], g), 4)
+        rounds = simulate_greedy(target, lambda p, g, d=draft, t=target: m.propose(d, t[:p], g)[0], 4)
         assert sum(r.accepted for r in rounds) == sum(r.proposed for r in rounds)   # every draft accepted
     assert torch.tanh(m.gate).abs().max() > 0                                       # the gate opened
 
@@ -102,4 +102,4 @@ def test_prefix_only_model_overfits_a_deterministic_chain():
     chain = [3, 9, 4, 17, 11, 5, 20, 8, 14, 6]
     b = collate_tokens([{"draft": torch.tensor([2]), "target": torch.tensor(chain[:n])} for n in (4, 7, 10)])
     m = overfit(tiny(condition_on_draft=False), b)
-    assert m.propose([], [], 10) == chain
+    assert m.propose([], [], 10)[0] == chain

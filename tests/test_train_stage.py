@@ -150,6 +150,19 @@ def test_speculators_layout(eagle3_run, tmp_path):
             "layers.0.mlp.down_proj.weight"} <= keys
 
 
+def test_speculators_verifier_is_absolute_or_given_and_the_store_is_recorded(eagle3_run, tmp_path, monkeypatch):
+    """The verifier was written as the store's relative path: from_pretrained failed from any other directory."""
+    monkeypatch.chdir(tmp_path)
+    out = export_run(eagle3_run, tmp_path / "spec", "speculators")
+    config = json.loads((out / "config.json").read_text())
+    verifier = config["speculators_config"]["verifier"]["name_or_path"]
+    assert verifier == str((tmp_path / "tiny" / "target").resolve())      # the store recorded "tiny/target"
+    assert config["source_store"]["identity"]["target"]["name"] == "tiny-target"
+    out = export_run(eagle3_run, tmp_path / "spec_id", "speculators", verifier="LanguageBind/Video-LLaVA-7B-hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "LanguageBind/Video-LLaVA-7B-hf"
+
+
 def test_plot_overlays_runs(token_run, eagle3_run, tmp_path):
     from specalign.train.plot import main as plot_main
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

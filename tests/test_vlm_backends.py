@@ -12,15 +12,15 @@ import torch
 from specalign.data.dsec import write_image
 from specalign.data.samples import Request, Sample
 from specalign.data.video import write_video
-from specalign.vlms import draft_backend, video_llava
+from specalign.vlms import eventgpt_backend, video_llava
 from specalign.vlms.alignment import feature_positions
-from specalign.vlms.draft_backend import DraftBackend, load_draft
 from specalign.vlms.eventgpt import EVENT_TOKEN_INDEX, num_event_tokens
+from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.hf_backend import CLIP_MEAN, CLIP_STD, clip_preprocess
 from specalign.vlms.registry import build_backends
-from specalign.vlms.target_backend import TargetBackend, load_target
 from specalign.vlms.tiny import save_tiny_pair, tiny_pair
 from specalign.vlms.video_llava import video_tokens_per_frame
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 from torch import nn
 
 from specalign.errors import DataError
@@ -51,7 +51,7 @@ def requests(tmp_path_factory) -> list[Request]:
 @pytest.fixture(scope="module")
 def pair():
     target, draft, tokenizer = tiny_pair(seed=0)
-    return TargetBackend(target, tokenizer), DraftBackend(draft, tokenizer)
+    return VideoLlavaBackend(target, tokenizer), EventGPTBackend(draft, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -262,16 +262,16 @@ def test_draft_batch_needs_equal_frame_counts(pair, requests):
 
 def test_saved_tiny_pair_loads_and_decodes_the_same(pair, saved, requests):
     target_dir, draft_dir = saved
-    target, draft = load_target(target_dir, quant="fp32"), load_draft(draft_dir, quant="fp32")
+    target, draft = VideoLlavaBackend.from_pretrained(target_dir, quant="fp32"), EventGPTBackend.from_pretrained(draft_dir, quant="fp32")
     assert not hasattr(target.model.model, "image_tower")                     # not loaded by default
-    assert hasattr(load_target(target_dir, quant="fp32", load_image_tower=True).model.model, "image_tower")
+    assert hasattr(VideoLlavaBackend.from_pretrained(target_dir, quant="fp32", load_image_tower=True).model.model, "image_tower")
     for loaded, built in zip((target, draft), pair):
         assert loaded.identity()["config_hash"] == built.identity()["config_hash"]
         assert loaded.generate(loaded.prepare(requests), MAX_NEW) == built.generate(built.prepare(requests), MAX_NEW)
 
 
 def test_missing_config_names_the_directory(tmp_path):
-    for load in (load_target, load_draft):
+    for load in (VideoLlavaBackend.from_pretrained, EventGPTBackend.from_pretrained):
         with pytest.raises(DataError, match=str(tmp_path)):
             load(tmp_path)
 
@@ -282,7 +282,7 @@ def test_dense_module_names_are_full_module_paths(pair):
     target_modules = dict(target.model.named_modules())
     draft_modules = dict(draft.model.named_modules())
     assert all(name in target_modules for name in video_llava.DENSE_MODULES + video_llava.TOWERS)
-    assert all(name in draft_modules for name in draft_backend.DENSE_MODULES + (draft_backend.TOWER,))
+    assert all(name in draft_modules for name in eventgpt_backend.DENSE_MODULES + (eventgpt_backend.TOWER,))
 
 
 def test_nf4_keeps_towers_and_projectors_dense(saved):
@@ -290,16 +290,16 @@ def test_nf4_keeps_towers_and_projectors_dense(saved):
                         "`accelerate` package, which is not installed here")
     bnb = pytest.importorskip("bitsandbytes")
     target_dir, draft_dir = saved
-    target = load_target(target_dir, quant="nf4", compute_dtype=torch.float32)
+    target = VideoLlavaBackend.from_pretrained(target_dir, quant="nf4", compute_dtype=torch.float32)
     model = target.model
     assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     tower_linears = [m for m in model.model.video_tower.modules() if isinstance(m, nn.Linear)]
     assert tower_linears and not any(isinstance(m, bnb.nn.Linear4bit) for m in tower_linears)
     assert not isinstance(model.model.multi_modal_projector.linear_1, bnb.nn.Linear4bit)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
-    quantized = load_target(target_dir, quant="nf4", quantize_towers=True, compute_dtype=torch.float32)
+    quantized = VideoLlavaBackend.from_pretrained(target_dir, quant="nf4", quantize_towers=True, compute_dtype=torch.float32)
     assert isinstance(quantized.model.model.video_tower.encoder.layers[0].mlp.fc1, bnb.nn.Linear4bit)
-    draft = load_draft(draft_dir, quant="nf4", compute_dtype=torch.float32)
+    draft = EventGPTBackend.from_pretrained(draft_dir, quant="nf4", compute_dtype=torch.float32)
     assert not isinstance(draft.model.model.visual_projector[0], bnb.nn.Linear4bit)
 
 
@@ -313,8 +313,8 @@ def test_nf4_heads_are_stored_as_the_weight_they_multiply_by(saved, requests):
     target_dir, draft_dir = saved
     # the target only: bitsandbytes' CPU kernels need a 4-bit layer's outputs in multiples of 32 (the tiny
     # draft's vocabulary is 109); the draft's head goes through the same HFBackend code
-    assert isinstance(load_draft(draft_dir, quant="nf4", quantize_head=True).model.lm_head, bnb.nn.Linear4bit)
-    for backend in (load_target(target_dir, quant="nf4", quantize_head=True, compute_dtype=torch.float32),):
+    assert isinstance(EventGPTBackend.from_pretrained(draft_dir, quant="nf4", quantize_head=True).model.lm_head, bnb.nn.Linear4bit)
+    for backend in (VideoLlavaBackend.from_pretrained(target_dir, quant="nf4", quantize_head=True, compute_dtype=torch.float32),):
         assert isinstance(backend.model.lm_head, bnb.nn.Linear4bit)
         head = backend.lm_head_weight()
         assert head.shape == (backend.text_config.vocab_size, backend.text_config.hidden_size)
@@ -337,6 +337,13 @@ def test_nf4_heads_are_stored_as_the_weight_they_multiply_by(saved, requests):
 def test_build_backends(saved):
     target, draft = build_backends({"tiny": True, "quant": "fp32"}, "cpu")
     assert (target.role, draft.role) == ("target", "draft")
+    assert (type(target), type(draft)) == (VideoLlavaBackend, EventGPTBackend)
+    swapped = {"tiny": True, "quant": "fp32", "target": {"kind": "eventgpt"}, "draft": {"kind": "video_llava"}}
+    target, draft = build_backends(swapped, "cpu")                  # the backends are picked by kind, not role
+    assert (type(target), type(draft), target.role, draft.role) == (EventGPTBackend, VideoLlavaBackend,
+                                                                     "target", "draft")
+    with pytest.raises(DataError, match="unknown VLM 'llava_next'"):
+        build_backends({"tiny": True, "quant": "fp32", "target": {"kind": "llava_next"}})
     target_dir, draft_dir = saved
     cfg = {"target": {"path": str(target_dir)}, "draft": {"path": str(draft_dir)}, "quant": "fp32"}
     assert build_backends(cfg)[0].path == str(target_dir)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib import rcParams
+from matplotlib.figure import Figure
 
 from specalign.errors import DataError
 from specalign.io import atomic_path
@@ -68,8 +66,9 @@ def load_metrics(path: str | Path) -> Series:
 
 def plot_runs(runs: dict[str, Series], out: str | Path) -> Path:
     """One figure, one panel per PANELS entry; per run one colour, train dashed, val solid."""
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(5 * len(PANELS), 4))     # its own canvas: no pyplot state, no backend switch
+    axes = fig.subplots(1, len(PANELS), squeeze=False)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, cols) in zip(axes[0], PANELS.items()):
         for i, (label, series) in enumerate(runs.items()):
             for col, style in zip(cols, ("--", "-")):
@@ -86,6 +85,5 @@ def plot_runs(runs: dict[str, Series], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": "specalign plot"})  # io.claim_file
     return out

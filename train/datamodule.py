@@ -196,13 +196,18 @@ class TokenPairs(Dataset):
 
 
 def collate_tokens(items: list[dict]) -> dict:
-    """-> draft [B, m], draft_len [B], target [B, n], target_len [B] (right padded with PAD_ID),
-    index [B] (the rows' places in their split, to name them in errors)."""
+    """-> draft [B, m], draft_len [B], target [B, n], target_len [B] (right padded with PAD_ID), and
+    index [B] when the items have one (`row_index`)."""
     return {"draft": pad([it["draft"] for it in items], PAD_ID),
             "draft_len": torch.tensor([len(it["draft"]) for it in items]),
             "target": pad([it["target"] for it in items], PAD_ID),
-            "target_len": torch.tensor([len(it["target"]) for it in items]),
-            "index": torch.tensor([it["index"] for it in items])}
+            "target_len": torch.tensor([len(it["target"]) for it in items]), **row_index(items)}
+
+
+def row_index(items: list[dict]) -> dict:
+    """{"index": [B]}: the items' places in their split, which training errors name the rows by (the
+    items of the training datasets have one; batches built for evaluation need none)."""
+    return {"index": pinned(torch.tensor([it["index"] for it in items]))} if "index" in items[0] else {}
 
 
 class TokenPairDataModule(_StoreDataModule):
@@ -260,8 +265,7 @@ def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def collate_features(items: list[dict]) -> dict:
     """-> tokens [B, T], length [B], feats [B, T, fc_in] (the parts side by side, `fuse_features`
-    order), final [B, T, H]; zero padded, each row copied once into the batch; index [B] (the rows' places
-    in their split, to name them in errors)."""
+    order), final [B, T, H]; zero padded, each row copied once into the batch; index [B] (`row_index`)."""
     B, T = len(items), max(len(it["tokens"]) for it in items)
     widths = [p.shape[-1] for p in items[0]["parts"]]
     first = items[0]["final"]
@@ -277,7 +281,7 @@ def collate_features(items: list[dict]) -> dict:
         final[b, n:] = 0
     return {"tokens": pinned(pad([it["tokens"] for it in items], PAD_ID)),
             "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final,
-            "index": pinned(torch.tensor([it["index"] for it in items]))}
+            **row_index(items)}
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:

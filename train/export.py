@@ -1,6 +1,6 @@
 """`specalign export run=RUN out=DIR [format=native|speculators] [ckpt=best|last]`
 
-Turns a training checkpoint into a drafter directory that `adapters.export_format.load_drafter`
+Turns a training checkpoint into a drafter directory that `specalign.adapters.export_format.load_drafter`
 (and, for format=speculators, vLLM) loads without the training code.
 """
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from specalign.adapters.export_format import build_drafter, save_drafter
 
 from specalign.errors import DataError
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 
@@ -30,16 +31,28 @@ def drafter_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def export_run(run: str | Path, out: str | Path, format: str = "native", ckpt: str = "best") -> Path:
+def verifier_of(source: dict | None, verifier: str | None) -> str | None:
+    """What the speculators config names as the verifier: the id or path the user gives, else the target
+    checkpoint the store was extracted from, as an absolute path (a relative one fails elsewhere)."""
+    if verifier:
+        return verifier
+    path = (((source or {}).get("identity") or {}).get("target") or {}).get("path")
+    return str(Path(path).resolve()) if path else None
+
+
+def export_run(run: str | Path, out: str | Path, format: str = "native", ckpt: str = "best",
+               verifier: str | None = None) -> Path:
     checkpoint = load_checkpoint(run, ckpt)
-    extra = {"source_store": checkpoint["hyper_parameters"].get("source"),
+    claim_output(out, "export", {"run": str(Path(run).resolve()), "format": format, "ckpt": ckpt})
+    source = checkpoint["hyper_parameters"].get("source")
+    extra = {"source_store": source, "verifier": verifier_of(source, verifier),
              "trained": {"run": str(run), "checkpoint": ckpt, "global_step": checkpoint["global_step"]}}
     return save_drafter(drafter_from_checkpoint(checkpoint), out, extra, format)
 
 
 @hydra_stage("export")
 def main(cfg: DictConfig) -> None:
-    print(export_run(cfg.run, cfg.out, cfg.format, cfg.ckpt))
+    print(export_run(cfg.run, cfg.out, cfg.format, cfg.ckpt, cfg.get("verifier")))
 
 
 if __name__ == "__main__":

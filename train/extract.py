@@ -7,6 +7,12 @@ draft reuses its prompt cache for one teacher-forced pass over the target's resp
 the captured layers at the response positions are kept. `StoreWriterCallback` writes each
 batch as one atomic shard.
 
+Bad samples: a clip whose files are missing or damaged (its raw events are read and validated
+once, data.dsec.EventCheck), a request that fails in the models and a row whose features hold
+NaN or inf are skipped and recorded in errors.jsonl (request key, file, reason), one line per
+(clip, question) request, so that written + skipped = requested; the run stops when every request
+so far failed (`fail_fast_after`).
+
 Resume: rerunning the same command skips every request already in a shard (or recorded as
 an error) and ends with the same store. DDP: the pending requests are cut into batches as a
 single process would cut them, rank r takes every world_size-th batch and writes its own
@@ -25,11 +31,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from specalign.data.dsec import EventCheck
+from specalign.data.features import feature_name, layer_key
+from specalign.data.layouts import dataset_entry
 from specalign.data.samples import Request, requests_of
-from specalign.data.store import StoreWriter, split_of
+from specalign.data.store import StoreWriter, drop_nonfinite, is_store, split_of
 from torch.utils.data import DataLoader, Dataset
 
-from specalign.errors import SpecalignError, SystematicFailure
+from specalign.errors import DataError, SpecalignError, SystematicFailure
+from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.extract")
@@ -53,11 +63,13 @@ def _collate(items: list[Request]) -> list[Request]:
 class ExtractionModule(L.LightningModule):
     """Holds the two frozen backends (already on the rank's own device)."""
 
-    def __init__(self, target, draft, max_new_tokens: int, ignore_eos: bool = False):
+    def __init__(self, target, draft, max_new_tokens: int, ignore_eos: bool = False,
+                 events: EventCheck | None = None):
         super().__init__()
         self.target, self.draft = target, draft
         self.max_new_tokens = max_new_tokens
         self.ignore_eos = ignore_eos
+        self.events = events or EventCheck()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no batch left
 
     @torch.inference_mode()
@@ -74,8 +86,9 @@ class ExtractionModule(L.LightningModule):
                                                                         draft_layers, self.ignore_eos)
         feats = {}
         for role, layers, out in (("target", target_layers, target_feats), ("draft", draft_layers, draft_feats)):
-            for name in [f"h{i}" for i in layers] + ["final"]:
-                feats[f"{role}.{name}"] = torch.cat([t.to(torch.bfloat16).cpu() for t in out[name]])
+            for layer in [*layers, None]:
+                rows = [t.to(torch.bfloat16).cpu() for t in out[layer_key(layer)]]
+                feats[feature_name(role, layer)] = torch.cat(rows)
         rows = []
         for req, tr, dr in zip(requests, target_resp, draft_resp):
             rows.append({"sample_id": req.sample.id, "question_id": req.question_id, "question": req.question,
@@ -85,13 +98,27 @@ class ExtractionModule(L.LightningModule):
         return rows, feats
 
     def predict_step(self, batch: list[Request], batch_idx: int) -> dict[str, Any]:
+        """-> {"rows", "tensors", "errors": [(key, reason, path)]}: requests of clips with damaged events are
+        not run, rows with non-finite features not kept."""
+        bad = {r.key: self.events(r.sample) for r in batch}
+        errors = [(key, _reason(e), e.path) for key, e in bad.items() if e is not None]
+        out = self.run_isolated([r for r in batch if bad[r.key] is None])
+        rows, tensors, nonfinite = drop_nonfinite(out["rows"], out["tensors"])
+        return {"rows": rows, "tensors": tensors,
+                "errors": errors + out["errors"] + [(key, reason, None) for key, reason in nonfinite]}
+
+    def run_isolated(self, batch: list[Request]) -> dict[str, Any]:
+        """`run`, and when the batch fails, each request on its own: one bad request costs only itself."""
+        if not batch:
+            return {"rows": [], "tensors": {}, "errors": []}
         try:
             rows, feats = self.run(batch)
             return {"rows": rows, "tensors": feats, "errors": []}
         except Exception as batch_error:  # noqa: BLE001 -- isolate the bad request(s): one at a time
             if len(batch) == 1:
-                return {"rows": [], "tensors": {}, "errors": [(batch[0].key, _reason(batch_error))]}
-            results = [self.predict_step([r], batch_idx) for r in batch]
+                path = batch_error.path if isinstance(batch_error, DataError) else None
+                return {"rows": [], "tensors": {}, "errors": [(batch[0].key, _reason(batch_error), path)]}
+            results = [self.run_isolated([r]) for r in batch]
             rows = [row for res in results for row in res["rows"]]
             tensors = {}
             good = [res["tensors"] for res in results if res["rows"]]
@@ -114,15 +141,15 @@ class StoreWriterCallback(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.writer, self.fail_fast_after = writer, fail_fast_after
         self.ok = self.failed = 0
-        self.held: list[tuple[str, str]] = []
-        self.first_error: tuple[str, str] | None = None
+        self.held: list[tuple[str, str, str | None]] = []   # (request key, reason, file at fault)
+        self.first_error: tuple[str, str, str | None] | None = None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if prediction["rows"]:
             self.writer.write_shard(prediction["rows"], prediction["tensors"])
-        for key, reason in prediction["errors"]:
+        for key, reason, path in prediction["errors"]:
             log.warning("skipped %s: %s", key, reason)
-            self.first_error = self.first_error or (key, reason)
+            self.first_error = self.first_error or (key, reason, path)
         self.held += prediction["errors"]
         self.ok += len(prediction["rows"])
         self.failed += len(prediction["errors"])
@@ -132,14 +159,14 @@ class StoreWriterCallback(BasePredictionWriter):
             raise self.systematic()
 
     def record_errors(self) -> None:
-        for key, reason in self.held:
-            self.writer.record_error(key, reason)
+        for key, reason, path in self.held:
+            self.writer.record_error(key, reason, path)
         self.held = []
 
     def systematic(self) -> SystematicFailure:
         if self.first_error is None:
             return SystematicFailure(f"{self.writer.root}: no request succeeded (see the other ranks' errors)")
-        key, reason = self.first_error
+        key, reason, _ = self.first_error
         return SystematicFailure(f"the first {self.failed} requests all failed, stopping; first error ({key}): "
                                  f"{reason}")
 
@@ -178,7 +205,7 @@ def store_manifest(target, draft, cfg: DictConfig) -> dict:
         "dtype": "bfloat16",
         "prompts": {"target": target.prompt_template(), "draft": draft.prompt_template()},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "ignore_eos": cfg.ignore_eos},
-        "data": {"root": str(cfg.data.root), "duration": cfg.data.get("duration")},
+        "data": dataset_entry(cfg.data),
     }
 
 
@@ -186,7 +213,7 @@ def dataset_record(out: Path, cfg: DictConfig, requests: list[Request]) -> dict:
     """Manifest keys listing every dataset extracted into this store (one store may hold the 1 s
     and the 500 ms clips, written by two runs) and the union of their questions."""
     old = json.loads((Path(out) / "manifest.json").read_text())
-    this = {"root": str(cfg.data.root), "duration": cfg.data.get("duration")}
+    this = dataset_entry(cfg.data)
     datasets = [d for d in old.get("datasets", []) if d != this] + [this]
     questions = sorted(set(old.get("questions") or []) | {r.question for r in requests})
     return {"datasets": datasets, "questions": questions}
@@ -214,14 +241,16 @@ def remove_stale_temp_files(root: Path) -> None:
 
 
 def record_dataset_errors(writer: StoreWriter, errors: list[dict]) -> None:
+    """Rows of the dataset index that could not be read: one error per request they stand for."""
     known = set(writer.error_keys())
-    for e in errors:  # unreadable samples found while reading the dataset
-        if e["id"] not in known:
-            writer.record_error(str(e["id"]), e["reason"])
+    for e in errors:
+        for key in (f"{e['id']}#{q}" for q in range(e.get("requests", 1))):
+            if key not in known:
+                writer.record_error(key, e["reason"], e.get("path"))
 
 
 def load_requests(cfg: DictConfig) -> tuple[list[Request], list[dict]]:
-    from specalign.data.dsec import load_from_config
+    from specalign.data.layouts import load_from_config
 
     samples, errors = load_from_config(cfg.data)
     requests = requests_of(samples)
@@ -243,6 +272,7 @@ def extract(cfg: DictConfig) -> Path | None:
                         callbacks=[SamplesPerSecond()])
     rank, world = trainer.global_rank, trainer.world_size  # known before the launcher starts the other ranks
     target, draft = build_backends(cfg.models, trainer.strategy.root_device)
+    claim_output(out, "extract", owned_if=is_store)   # the store's identity is its manifest (StoreWriter)
     writer = StoreWriter(out, store_manifest(target, draft, cfg), rank=rank)
     if rank == 0:  # the other ranks start inside trainer.predict, or write nothing before its setup barrier
         remove_stale_temp_files(out)
@@ -253,7 +283,7 @@ def extract(cfg: DictConfig) -> Path | None:
     if any(r.key not in done for r in requests):  # every rank sees the same: nobody has written yet
         mine = pending_for_rank(requests, done, rank, world, cfg.batch_size)
         loader = DataLoader(RequestList(mine), batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
-        module = ExtractionModule(target, draft, cfg.max_new_tokens, cfg.ignore_eos)
+        module = ExtractionModule(target, draft, cfg.max_new_tokens, cfg.ignore_eos, EventCheck.of(cfg.data))
         trainer.predict(module, loader, return_predictions=False)
         trainer.strategy.barrier()  # every rank has written its shards
     if not any(writer.shard_dir.glob("*.safetensors")):
@@ -276,5 +306,6 @@ def main(cfg: DictConfig) -> None:
 
     store = FeatureStore(out)
     c = store.manifest["counts"]
-    print(f"feature store {out}: {c['rows']} rows, {c['tokens']} target tokens, {c['errors']} skipped, "
+    print(f"feature store {out}: {c['rows'] + c['errors']} requests, {c['rows']} written, {c['errors']} skipped"
+          f"{' (reasons in errors.jsonl)' if c['errors'] else ''}; {c['tokens']} target tokens, "
           f"splits {c['splits']}")

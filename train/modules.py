@@ -1,32 +1,29 @@
-"""Lightning modules that train the drafters.
-
-Both share (DrafterModule):
+"""What every drafter's Lightning module shares (DrafterModule); each drafter type subclasses it with
+its own `losses` in its module (adapters/<kind>.py):
 - any optimizer (hydra `instantiate` of the `optimizer` config; no weight decay on 1-D params)
   with a warmup + cosine/linear/constant schedule stepped per optimizer step;
 - per-step reseeding: a training step's randomness (dropout, draft dropout) depends only on
   (seed, step, micro-batch, rank), so a resumed run replays an uninterrupted one exactly;
 - logs per step and epoch: loss, top-1, top-5 (train/ and val/), EAGLE-3 also acc_k per unroll
-  step; and `val/tau`, `val/alpha`: greedy rounds simulated with specdec/metrics.py on up to
-  `val_max_rows` val rows, every round drafted by the drafter's own `propose` from the
-  accepted prefix (real in-round unrolling, not teacher forcing).
+  step; and `val/tau`, `val/alpha`: greedy rounds on up to `val_max_rows` val rows, read off the
+  drafter's chains at every position of each val batch (`chain_runs`: its real in-round proposals, in a
+  few batched forwards) and walked with specdec/metrics.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
-from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, build_vocab_maps
-from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
+from specalign.adapters.registry import drafter_type
 from specalign.data.store import FeatureStore
-from specalign.specdec.metrics import Acceptance, Proposer, simulate_greedy
+from specalign.specdec.metrics import Acceptance, rounds_from_runs
 from torch.optim.lr_scheduler import LambdaLR
 
-from specalign.errors import DataError, SpecalignError, StoreMismatch
+from specalign.errors import DataError, SpecalignError
+from specalign.runtime import derived_seed
 
 
 def warmup_schedule(optimizer, kind: str = "cosine", warmup_steps: int = 0, total_steps: int = 1000,
@@ -45,10 +42,6 @@ def warmup_schedule(optimizer, kind: str = "cosine", warmup_steps: int = 0, tota
         return min_lr_ratio + (1 - min_lr_ratio) * shape
 
     return LambdaLR(optimizer, factor)
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % 2**63
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,16 +84,27 @@ def check_finite(module: L.LightningModule, split: str, loss: torch.Tensor, batc
                          "inputs are finite: training diverged (lower adapter.lr or raise adapter.warmup_steps)")
 
 
+def batch_rows(batch: dict, k: int) -> dict:
+    """The first k rows of a batch (every value has the batch dimension first)."""
+    return {name: value[:k] for name, value in batch.items()}
+
+
 class DrafterModule(L.LightningModule):
+    """Trains the drafter `model`, built by its registered type from the `model` config dict."""
+
     kind: str
-    model: torch.nn.Module
+
+    def __init__(self, model: dict, optimizer: dict, scheduler: dict, source: dict | None = None,
+                 val_gamma: int = 5, val_max_rows: int = 64, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = drafter_type(self.kind).build(model)
+
+    def init_from_store(self, store: FeatureStore, split: str) -> None:
+        """What the model takes from the store it trains on before the first step (nothing here)."""
 
     def losses(self, batch: dict, train: bool) -> dict:
         """-> {"loss": scalar, metric name: scalar, ...}"""
-        raise NotImplementedError
-
-    def proposers(self, batch: dict) -> Iterator[tuple[list[int], Proposer]]:
-        """Per val row: (target tokens, (p, gamma) -> proposal)."""
         raise NotImplementedError
 
     def configure_optimizers(self):
@@ -117,7 +121,7 @@ class DrafterModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, micro, self.global_rank))
+        torch.manual_seed(derived_seed(self.hparams.seed, self.global_step, micro, self.global_rank))
 
     def _log(self, stage: str, metrics: dict, batch_size: int) -> None:
         for name, value in metrics.items():
@@ -137,10 +141,16 @@ class DrafterModule(L.LightningModule):
         metrics = self.losses(batch, train=False)
         check_finite(self, "val", metrics["loss"], batch)
         self._log("val", metrics, len(next(iter(batch.values()))))
-        for target, propose in self.proposers(batch):
-            if self._acceptance.samples >= self.hparams.val_max_rows:
-                break
-            self._acceptance.add_sample(simulate_greedy(target, propose, self.hparams.val_gamma))
+        rows = min(self.hparams.val_max_rows - self._acceptance.samples, len(next(iter(batch.values()))))
+        if rows > 0:
+            self.simulate(batch_rows(batch, rows))
+
+    def simulate(self, batch: dict) -> None:
+        """Greedy rounds at val_gamma over every row of the batch, into this epoch's acceptance."""
+        gamma = self.hparams.val_gamma
+        runs = self.model.chain_runs(batch, gamma)
+        for b, n in enumerate(runs.length.tolist()):
+            self._acceptance.add_sample(rounds_from_runs(*runs.row(b, n), n, gamma))
 
     def on_validation_epoch_end(self):
         acc = self._acceptance
@@ -149,96 +159,3 @@ class DrafterModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["drafter_type"] = self.kind
-
-
-class TokenAdapterModule(DrafterModule):
-    kind = "token_adapter"
-
-    def __init__(self, model: dict, optimizer: dict, scheduler: dict, source: dict | None = None,
-                 val_gamma: int = 5, val_max_rows: int = 64, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = TokenAdapter(TokenAdapterConfig.from_dict(model))
-
-    def losses(self, batch, train):
-        target, c = batch["target"], self.model.config
-        keep = None
-        if train and c.condition_on_draft:
-            keep = torch.rand(target.shape[0], device=target.device) >= c.draft_dropout
-        lp = self.model.logits(batch["draft"], batch["draft_len"], target, keep)   # [B, n, V]
-        mask = lengths_mask(batch["target_len"], target.shape[1])
-        nll = -lp.gather(-1, target[..., None])[..., 0]                            # [B, n]
-        return {"loss": masked_mean(nll, mask), **topk_metrics(lp, target, mask)}
-
-    def proposers(self, batch):
-        for b in range(batch["target"].shape[0]):
-            draft = batch["draft"][b, : batch["draft_len"][b]].tolist()
-            target = batch["target"][b, : batch["target_len"][b]].tolist()
-            yield target, lambda p, g, d=draft, t=target: self.model.propose(d, t[:p], g)
-
-
-def token_counts(store: FeatureStore, split: str, vocab_size: int) -> torch.Tensor:
-    toks = [t for r in store.select(split) for t in r.target_tokens]
-    return torch.bincount(torch.tensor(toks, dtype=torch.long), minlength=vocab_size)[:vocab_size]
-
-
-class Eagle3Module(DrafterModule):
-    """Soft cross-entropy to the target's distribution restricted to the draft vocabulary
-    (teacher logits = target.final @ target.lm_head[draft ids].T, recomputed here), summed over
-    TTT steps with weight ttt_decay^k, on response rows only (padding masked)."""
-
-    kind = "eagle3"
-
-    def __init__(self, model: dict, optimizer: dict, scheduler: dict, store: str | None = None,
-                 train_split: str = "train", source: dict | None = None, val_gamma: int = 5,
-                 val_max_rows: int = 64, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = Eagle3Drafter(Eagle3Config.from_dict(model))
-        c = self.model.config
-        self.register_buffer("teacher_head", torch.zeros(c.draft_vocab_size, c.hidden_size), persistent=False)
-        if store is not None:
-            self.init_from_store(FeatureStore(store), train_split)
-
-    @torch.no_grad()
-    def init_from_store(self, store: FeatureStore, split: str) -> None:
-        """Draft vocabulary from the split's token frequencies; the target's embeddings (frozen)
-        and LM head rows (teacher, and the drafter head's starting point)."""
-        m, c = self.model, self.model.config
-        heads = store.heads()
-        embed, head = heads["target.embed_tokens"], heads["target.lm_head"]
-        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != embed.shape:
-            raise StoreMismatch(f"{store.root}: target heads are {tuple(head.shape)}/{tuple(embed.shape)}, "
-                                f"the drafter expects {(c.vocab_size, c.hidden_size)}")
-        d2t, t2d = build_vocab_maps(token_counts(store, split, c.vocab_size), c.draft_vocab_size)
-        m.d2t.copy_(d2t)
-        m.t2d.copy_(t2d)
-        m.embed_tokens.weight.copy_(embed)
-        self.teacher_head.copy_(head[torch.arange(c.draft_vocab_size) + d2t])
-        m.lm_head.weight.copy_(self.teacher_head)
-
-    def losses(self, batch, train):
-        m, c = self.model, self.model.config
-        tokens = batch["tokens"]                                                  # [B, T]
-        T = tokens.shape[1]
-        valid = lengths_mask(batch["length"], T)
-        with torch.no_grad():                                                     # row j predicts r_j
-            teacher = (batch["final"].to(self.teacher_head.dtype) @ self.teacher_head.T).float().softmax(-1)
-        out = {"loss": 0.0}
-        steps = max(1, min(c.ttt_steps, T - 1))
-        for k, logits in enumerate(m.ttt(batch["feats"], tokens, steps)):
-            mask = valid[:, k + 1:]                                               # chain i -> r_{i+k+1}
-            labels, lg = tokens[:, k + 1:], logits[:, : T - k - 1]                # lg [B, T-k-1, N]
-            ce = F.cross_entropy(lg.flatten(0, 1).float(), teacher[:, k + 1:].flatten(0, 1), reduction="none")
-            loss_k = masked_mean(ce.view_as(labels), mask)
-            out["loss"] = out["loss"] + c.ttt_decay ** k * loss_k
-            out[f"acc_{k}"] = masked_mean((m.to_target(lg.argmax(-1)) == labels).float(), mask)
-            if k == 0:
-                out.update(topk_metrics(lg, labels, mask, m.to_target), loss_0=loss_k)
-        return out
-
-    def proposers(self, batch):
-        for b in range(batch["tokens"].shape[0]):
-            n = int(batch["length"][b])
-            feats, target = batch["feats"][b, :n], batch["tokens"][b, :n].tolist()
-            yield target, lambda p, g, f=feats, t=target: self.model.propose(f, t[:p], g)

@@ -1,13 +1,15 @@
 """`specalign pipeline [pipeline=quick]`: every stage on the embedded synthetic world.
 
     synth -> teach the tiny pair (cached) -> extract (1 s and 500 ms clips, one store)
-          -> train TokenAdapter (with / without the draft) -> train EAGLE-3 (target / draft / both)
-          -> export -> evaluate offline (+ online on a few test requests) -> summary
+          -> train the runs (TokenAdapter with / without the draft, EAGLE-3 on target / draft / both
+             features) -> export -> evaluate offline (+ online on a few test requests) -> summary
 
 Each step composes the stage's own config (conf/<stage>.yaml) with overrides from
 conf/pipeline/<preset>.yaml and calls the same function the stage's CLI calls, so the
-pipeline runs exactly what a user runs stage by stage. The world and the taught pair are
-cached under `cache` by a key of their configuration; everything else goes to `out`.
+pipeline runs exactly what a user runs stage by stage. The preset is the plan: which runs of which
+drafter types (`runs`, starting from `drafters.<kind>`), which reports pair which runs (`reports`),
+which of them decode online. The world and the taught pair are cached under `cache` by a key of their
+configuration; everything else goes to `out`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from specalign.specdec.report import entry_label, is_baseline
 
-from specalign.io import write_json, write_text
+from specalign.io import claim_output, write_json, write_text
+from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.pipeline")
@@ -102,15 +105,21 @@ def extract(P: DictConfig, world: dict, pair: tuple[Path, Path], store: Path) ->
     return store
 
 
-def train_run(P: DictConfig, store: Path, run: Path, adapter: str, extra: list[str]) -> Path:
+def train_config(P: DictConfig, store: Path, run: Path, name: str) -> DictConfig:
+    """The `specalign train` config of run `name`: its drafter type's starting point (an experiment, else
+    conf/adapter/<kind>), the pipeline's trainer keys, the type's and the run's own keys."""
+    spec = P.runs[name]
+    base = P.drafters.get(spec.kind) or {}
+    start = f"experiment={base.experiment}" if base.get("experiment") else f"adapter={spec.kind}"
+    return compose("train", [start, f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
+                             *overrides(base.get("trainer"), "trainer."), *overrides(base.get("adapter"), "adapter."),
+                             *overrides(spec.get("adapter"), "adapter.")])
+
+
+def train_run(P: DictConfig, store: Path, run: Path, name: str) -> Path:
     from specalign.train.train import train as run_train
 
-    preset = P.token_adapter if adapter == "token_adapter" else P.eagle3
-    epochs = (P.get("epochs") or {}).get(adapter)  # per-drafter epochs over the shared trainer preset
-    cfg = compose("train", [f"adapter={adapter}", f"store={store}", f"out={run}", *overrides(P.trainer, "trainer."),
-                            *([f"trainer.max_epochs={epochs}"] if epochs else []),
-                            *overrides(preset, "adapter."), *extra])
-    run_train(cfg)
+    run_train(train_config(P, store, run, name))
     return run
 
 
@@ -121,9 +130,10 @@ def export(run: Path, out: Path, fmt: str = "native") -> Path:
 
 
 def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
-    from specalign.specdec.evaluate import evaluate_offline
+    from specalign.specdec.evaluate import evaluate_identity, evaluate_offline
     from specalign.specdec.report import write_report
 
+    claim_output(out, "evaluate", evaluate_identity({"store": store, "drafter": drafter, "no_draft": no_draft}))
     report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
                               str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
     write_report(report, out)
@@ -131,12 +141,14 @@ def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Pat
 
 
 def evaluate_online(P: DictConfig, store: Path, drafter: Path, pair: tuple[Path, Path], out: Path) -> dict:
+    from specalign.specdec.evaluate import evaluate_identity
     from specalign.specdec.online_eval import evaluate_online as run_online
     from specalign.specdec.report import write_report
 
+    claim_output(out, "evaluate", evaluate_identity({"mode": "online", "store": store, "drafter": drafter}))
     cfg = compose("evaluate", [f"drafter={drafter}", f"store={store}", "mode=online", "split=test",
                                f"gamma={P.evaluate.gammas[-1]}", f"out={out}", f"limit={P.evaluate.online_limit}",
-                               "+models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
+                               "models=tiny", "models.tiny=false", f"models.target.path={pair[0]}",
                                f"models.draft.path={pair[1]}"])  # the datasets are recorded in the store
     report = run_online(cfg, [int(P.evaluate.gammas[-1])])
     write_report(report, out)
@@ -150,13 +162,12 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
     rows, seen = [], set()
     for label, report in reports.items():
         for name, per_gamma in report["results"].items():
-            is_baseline = name in ("raw_draft", "draft_model") or name.startswith("stored:")
-            key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
+            key = entry_label(label, name)
             if key in seen:
                 continue
             seen.add(key)
             s = per_gamma[str(gamma)]
-            rows.append({"drafter": key, "baseline": is_baseline, "tau": s["tau"], "alpha": s["alpha"],
+            rows.append({"drafter": key, "baseline": is_baseline(name), "tau": s["tau"], "alpha": s["alpha"],
                          "rounds": s["rounds"], "samples": s["samples"]})
     return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
 
@@ -180,11 +191,15 @@ def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, P
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
-    torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return pipeline(cfg)
+
+
+def pipeline(cfg: DictConfig) -> dict:
     P = cfg.pipeline
     out, cache = Path(cfg.out), Path(cfg.cache)
-    out.mkdir(parents=True, exist_ok=True)
-    step = Steps(8)
+    claim_output(out, "pipeline", {"pipeline": OmegaConf.to_container(P, resolve=True)})
+    step = Steps(7)
 
     step("synthetic world")
     world = make_world(P, cache)
@@ -193,38 +208,27 @@ def run_pipeline(cfg: DictConfig) -> dict:
     step("extract paired tokens and hidden states")
     store = extract(P, world, pair, out / "store")
 
-    runs = {}
-    step("train TokenAdapter, with and without the draft")
-    runs["token_adapter"] = train_run(P, store, out / "runs" / "token_adapter", "token_adapter", [])
-    runs["token_adapter_no_draft"] = train_run(P, store, out / "runs" / "token_adapter_no_draft", "token_adapter",
-                                               ["adapter.condition_on_draft=false"])
-    step("train EAGLE-3 on target, draft and both features")
-    for src in P.eagle3_sources:
-        runs[f"eagle3_{src}"] = train_run(P, store, out / "runs" / f"eagle3_{src}", "eagle3",
-                                          [f"adapter.feature_source={src}"])
+    step(f"train {len(P.runs)} drafters: {', '.join(P.runs)}")
+    runs = {name: train_run(P, store, out / "runs" / name, name) for name in P.runs}
 
     step("export")
     drafters = {name: export(run, out / "drafters" / name) for name, run in runs.items()}
-    if "eagle3_target" in runs:
-        export(runs["eagle3_target"], out / "drafters" / "eagle3_target_speculators", "speculators")
+    for name in P.speculators:
+        export(runs[name], out / "drafters" / f"{name}_speculators", "speculators")
 
     step("evaluate offline on the test split")
-    reports = {"token_adapter": evaluate(P, store, drafters["token_adapter"], out / "reports" / "token_adapter",
-                                         drafters["token_adapter_no_draft"])}
-    for src in P.eagle3_sources:
-        reports[f"eagle3_{src}"] = evaluate(P, store, drafters[f"eagle3_{src}"], out / "reports" / f"eagle3_{src}")
+    reports = {label: evaluate(P, store, drafters[r.drafter], out / "reports" / label,
+                               drafters[r.no_draft] if r.get("no_draft") else None)
+               for label, r in P.reports.items()}
 
     step("evaluate online (real speculative decoding with the tiny target)")
     online = {}
     if P.evaluate.online_limit:
-        for label in ("token_adapter", "eagle3_target"):
-            if label not in drafters:
-                continue
-            rep = evaluate_online(P, store, drafters[label], pair, out / "reports" / f"{label}_online")
+        for label in P.online:
+            r = P.reports[label]
+            rep = evaluate_online(P, store, drafters[r.drafter], pair, out / "reports" / f"{label}_online")
             for name, per_gamma in rep["results"].items():
-                is_baseline = name in ("raw_draft", "draft_model")
-                key = name if is_baseline else label if name == "drafter" else f"{label} ({name})"
-                online[key] = per_gamma[str(P.evaluate.gammas[-1])]["tau"]
+                online[entry_label(label, name)] = per_gamma[str(P.evaluate.gammas[-1])]["tau"]
 
     from specalign.train.curves import plot_runs
     from specalign.train.plot import metrics_of

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from specalign.train.curves import collect_metrics, load_metrics, plot_runs
 
+from specalign.io import claim_file
 from specalign.stage import hydra_stage
 
 
@@ -17,6 +18,7 @@ def metrics_of(run: Path):
 
 @hydra_stage("plot")
 def main(cfg: DictConfig) -> None:
+    claim_file(cfg.out, "plot")
     print(plot_runs({str(r): metrics_of(Path(r)) for r in cfg.runs}, cfg.out))
 
 

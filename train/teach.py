@@ -22,9 +22,8 @@ import multiprocessing
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,20 +32,21 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
-from specalign.data.dsec import load_dataset
+from specalign.data.layouts import reader
 from specalign.data.samples import Request, Sample, requests_of
 from specalign.data.synth import WorldConfig
 from specalign.specdec.metrics import greedy_acceptance, raw_draft_proposer
-from specalign.vlms.draft_backend import DraftBackend, load_draft
+from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.hf_backend import HFBackend, config_hash, left_pad, positions_from_mask
-from specalign.vlms.target_backend import TargetBackend, load_target
 from specalign.vlms.tiny import build_tokenizer, tiny_draft_config, tiny_pair, tiny_target_config
+from specalign.vlms.video_llava_backend import VideoLlavaBackend
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from specalign.errors import DataError
-from specalign.io import write_json
+from specalign.io import claim_output, write_json
 from specalign.paths import CONF_DIR
+from specalign.runtime import torch_threads
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.teach")
@@ -74,7 +74,7 @@ def load_world(world_dir: str | Path, durations: Sequence[str], clips: int | Non
     """The first `clips` clips of each duration of a synthetic world directory."""
     samples = []
     for duration in durations:
-        samples += load_dataset(Path(world_dir) / f"synthetic_{duration}", limit=clips, strict=True)[0]
+        samples += reader("synthetic")(Path(world_dir) / f"synthetic_{duration}", limit=clips, strict=True)[0]
     return samples
 
 
@@ -199,17 +199,6 @@ class EpochLines(L.Callback):
         print(f"teach {self.role} {trainer.current_epoch + 1}/{trainer.max_epochs}: {metrics}", flush=True)
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Tiny models train fastest on one torch thread (two are several times slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit(backend: HFBackend, train: list[Sample], held_out: list[Sample], cfg: Mapping, progress: L.Callback) -> dict:
     """Teach one backend's model its style of reference answers; returns the last logged metrics."""
     train_items, val_items = examples(backend, train), examples(backend, held_out[: cfg["val_clips"]])
@@ -227,13 +216,13 @@ def fit(backend: HFBackend, train: list[Sample], held_out: list[Sample], cfg: Ma
 
 def teach_role(role: str, world_dir: str | Path, out_dir: str | Path, cfg: Mapping, bar: bool = True) -> dict:
     """Teach the `role` model of the tiny pair of seed `cfg.seed` and save it (+ tokenizer) to out_dir/role."""
-    with single_thread():
+    with torch_threads(1):   # tiny models train fastest on one torch thread
         started = time.perf_counter()
         train, held_out = split(load_world(world_dir, cfg["durations"], cfg["clips"]))
         if not train:
             raise DataError(world_dir, "the world has no train clips", hint="synthesize more clips")
         target, draft, tokenizer = tiny_pair(cfg["seed"])
-        backend = TargetBackend(target, tokenizer) if role == "target" else DraftBackend(draft, tokenizer)
+        backend = VideoLlavaBackend(target, tokenizer) if role == "target" else EventGPTBackend(draft, tokenizer)
         metrics = fit(backend, train, held_out, cfg, RoleProgressBar(role) if bar else EpochLines(role))
         backend.model.save_pretrained(Path(out_dir) / role)
         tokenizer.save_pretrained(Path(out_dir) / role)
@@ -243,7 +232,7 @@ def teach_role(role: str, world_dir: str | Path, out_dir: str | Path, cfg: Mappi
 def teach_pair(world_dir: str | Path, out_dir: str | Path, cfg: Mapping, parallel: bool = True
                ) -> tuple[Path, Path]:
     """Teach both models (`cfg`: conf/teach.yaml's `teach` keys, missing ones take its defaults) on the
-    world's train clips; write `out_dir/target`, `out_dir/draft` (loadable by load_target / load_draft) and
+    world's train clips; write `out_dir/target`, `out_dir/draft` (loadable by the backends' `from_pretrained`) and
     `out_dir/teach.json`. `parallel`: the draft in a second process meanwhile, one core each."""
     cfg = teach_settings(cfg)
     if parallel:
@@ -333,7 +322,8 @@ def compare(target_dir: str | Path, draft_dir: str | Path, samples: list[Sample]
             gamma: int = RAW_GAMMA) -> dict:
     """Greedy answers of both saved models on `samples`, their token accuracy against the references,
     and the raw draft's acceptance by the target (τ, α at `gamma`)."""
-    target, draft = load_target(target_dir, quant="fp32"), load_draft(draft_dir, quant="fp32")
+    target = VideoLlavaBackend.from_pretrained(target_dir, quant="fp32")
+    draft = EventGPTBackend.from_pretrained(draft_dir, quant="fp32")
     rows = []
     for sample in samples:
         requests = requests_of([sample])
@@ -371,12 +361,14 @@ def print_report(report: dict, show: int) -> None:
 @hydra_stage("teach")
 def main(cfg: DictConfig) -> dict:
     if cfg.out:
+        claim_output(cfg.out, "teach", {"world": str(Path(cfg.world).resolve()),
+                                        "teach": OmegaConf.to_container(cfg.teach, resolve=True)})
         target_dir, draft_dir = teach_pair(cfg.world, cfg.out, cfg.teach, cfg.parallel)
     else:
         target_dir, draft_dir = cached_teach(world_config(cfg.world), cfg.teach, cfg.cache_root, cfg.parallel)
     print(f"taught pair: target {target_dir}, draft {draft_dir}")
     held_out = split(load_world(cfg.world, cfg.teach.durations, cfg.teach.clips))[1]
-    with single_thread():
+    with torch_threads(1):
         report = compare(target_dir, draft_dir, held_out[: cfg.report_clips], cfg.teach.max_new_tokens)
     print_report(report, cfg.show)
     return report

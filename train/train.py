@@ -17,6 +17,8 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -28,23 +30,38 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from specalign.adapters.eagle3 import Eagle3Config
-from specalign.adapters.token_adapter import TokenAdapterConfig
+from specalign.adapters.registry import drafter_type
 from specalign.data.store import IDENTITY_KEYS, FeatureStore
 from specalign.train.curves import collect_metrics, load_metrics, plot_runs
-from specalign.train.datamodule import FeatureDataModule, TokenPairDataModule, check_splits
-from specalign.train.modules import Eagle3Module, TokenAdapterModule
+from specalign.train.datamodule import check_splits
 
-from specalign.errors import DataError, SpecalignError
-from specalign.io import atomic_path, write_text
+from specalign.errors import DataError
+from specalign.identity import run_identity
+from specalign.io import atomic_path, claim_output, write_text
 from specalign.stage import hydra_stage
 
 log = logging.getLogger("specalign.train")
 
-# ResumableBatchSampler restarts mid-epoch at the right batch by itself; Lightning cannot tell
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-# a resumed run keeps its checkpoints directory (a fresh run into a used one is refused)
-warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+@contextmanager
+def run_scope(cfg: DictConfig) -> Iterator[None]:
+    """What one run changes of the process, undone when it ends: two of Lightning's warnings silenced
+    (ResumableBatchSampler restarts mid-epoch at the right batch by itself, which Lightning cannot tell;
+    a resumed run keeps its checkpoints directory, while a fresh run into a used one is refused) and
+    W&B logging offline unless `logger.online` (or WANDB_MODE=disabled)."""
+    mode = os.environ.get("WANDB_MODE")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        if not cfg.logger.online and mode != "disabled":
+            os.environ["WANDB_MODE"] = "offline"
+        try:
+            yield
+        finally:
+            if mode is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = mode
 
 
 class SaveLast(Checkpoint):
@@ -100,55 +117,34 @@ def run_dir(cfg: DictConfig) -> Path:
     return out
 
 
+def is_run(path: Path) -> bool:
+    """A run directory written before ownership markers: its config and checkpoints."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
 def source_info(store: FeatureStore) -> dict:
     return {"path": str(store.root), "identity": {k: store.manifest.get(k) for k in IDENTITY_KEYS}}
 
 
-def eagle3_config(a: dict, store: FeatureStore, train_split: str) -> Eagle3Config:
-    if not store.has_hidden:
-        raise DataError(store.root, "EAGLE-3 training needs hidden states, this is a tokens-only store",
-                        "use a store written by `specalign extract`")
-    target = store.manifest["target"]
-    H, V = target["hidden_size"], target["vocab_size"]
-    sources = ["target", "draft"] if a["feature_source"] == "both" else [a["feature_source"]]
-    names = [n for s in sources for n in store.feature_names(s)[:3]]   # low/mid/high, not final
-    row = store.select(train_split)[0]
-    heads = a["num_attention_heads"] or max(1, H // 128)
-    return Eagle3Config(
-        hidden_size=H, intermediate_size=a["intermediate_size"] or 11008 * H // 4096,
-        num_attention_heads=heads, num_key_value_heads=a["num_key_value_heads"] or heads,
-        rms_norm_eps=a["rms_norm_eps"], rope_theta=a["rope_theta"], vocab_size=V,
-        draft_vocab_size=min(a["draft_vocab_size"], V), feature_source=a["feature_source"],
-        feature_names=names, fc_in_features=sum(store.hidden(row, n).shape[-1] for n in names),
-        aux_layer_ids=store.layers("target"), ttt_steps=a["ttt_steps"], ttt_decay=a["ttt_decay"])
-
-
 def build(cfg: DictConfig, store: FeatureStore):
-    """-> (LightningModule, LightningDataModule) for cfg.adapter.kind."""
+    """-> (LightningModule, LightningDataModule) of the drafter type `adapter.kind` (adapters/registry.py)."""
     a = OmegaConf.to_container(cfg.adapter, resolve=True)
-    common = {"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-              "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True), "source": source_info(store),
-              "val_gamma": cfg.val.gamma, "val_max_rows": cfg.val.max_rows, "seed": cfg.seed}
-    data_kw = {"batch_size": a["batch_size"], "num_workers": cfg.num_workers,
-               "prefetch": cfg.get("prefetch_batches", 2), "train_split": cfg.train_split,
-               "val_split": cfg.val_split, "seed": cfg.seed, "max_len": a["max_len"]}
-    if a["kind"] == "token_adapter":
-        model = TokenAdapterConfig.from_dict({**a, "vocab_size": store.manifest["target"]["vocab_size"]})
-        module = TokenAdapterModule(model=model.to_dict(), **common)
-        log.info("TokenAdapter: %.2fM parameters", module.model.num_params() / 1e6)
-        return module, TokenPairDataModule(cfg.store, **data_kw)
-    if a["kind"] == "eagle3":
-        model = eagle3_config(a, store, cfg.train_split)
-        module = Eagle3Module(model=model.to_dict(), store=cfg.store, train_split=cfg.train_split, **common)
-        log.info("EAGLE-3 drafter: %.2fM trainable parameters", module.model.num_params() / 1e6)
-        return module, FeatureDataModule(cfg.store, model.feature_names, **data_kw)
-    raise SpecalignError(f"adapter.kind must be token_adapter or eagle3, got {a['kind']!r}")
+    drafter = drafter_type(a["kind"])
+    model = drafter.configure(a, store, cfg.train_split)
+    module = drafter.module_class(model=model.to_dict(), source=source_info(store), seed=cfg.seed,
+                               optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                               scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+                               val_gamma=cfg.val.gamma, val_max_rows=cfg.val.max_rows)
+    module.init_from_store(store, cfg.train_split)
+    log.info("%s: %.2fM trainable parameters", drafter.kind, module.model.num_params() / 1e6)
+    data = drafter.data_module(cfg.store, model, batch_size=a["batch_size"], num_workers=cfg.num_workers,
+                            prefetch=cfg.get("prefetch_batches", 2), train_split=cfg.train_split,
+                            val_split=cfg.val_split, seed=cfg.seed, max_len=a["max_len"])
+    return module, data
 
 
 def loggers(cfg: DictConfig, run: Path) -> list:
-    """CSV always; whatever `logger.extra` holds besides (W&B offline unless logger.online)."""
-    if not cfg.logger.online and os.environ.get("WANDB_MODE") != "disabled":
-        os.environ["WANDB_MODE"] = "offline"
+    """CSV always; whatever `logger.extra` holds besides (W&B offline unless logger.online: `run_scope`)."""
     return [CSVLogger(run, name="logs")] + [instantiate(c) for c in cfg.logger.extra.values()]
 
 
@@ -163,6 +159,11 @@ def write_outputs(run: Path) -> None:
 
 
 def train(cfg: DictConfig) -> float:
+    with run_scope(cfg):
+        return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> float:
     run = run_dir(cfg)
     check_splits(cfg.train_split, cfg.val_split)
     last = run / "checkpoints" / "last.ckpt"
@@ -172,6 +173,8 @@ def train(cfg: DictConfig) -> float:
         raise DataError(run, "already holds a trained run",
                         "pass resume=true to continue it, or choose another out=")
     store = FeatureStore(cfg.store)
+    claim_output(run, "train", run_identity(store.manifest, cfg.adapter.kind), cfg.get("allow_store_mismatch"),
+                 is_run)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build(cfg, store)
     write_config(run, cfg)

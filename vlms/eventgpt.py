@@ -19,6 +19,8 @@ The prompt carries one placeholder id per pooled token (see `num_event_tokens`),
 are known before the forward pass; decoding steps after the prefill use the KV cache only.
 """
 
+import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -59,9 +61,12 @@ class EventChatConfig(LlamaConfig):
         Local directory of a CLIP checkpoint; the tower is read from it when the model checkpoint has no
         `model.visual_tower.*` weights. A relative path is resolved against the model directory first.
     mm_hidden_size (`int`): width of the CLIP features fed to the projector (1024 for ViT-L).
-    vision_config (`dict` or `CLIPVisionConfig`): the CLIP tower (ViT-L/14-336 by default).
-    use_feature_adaptor (`bool`, *optional*): build `model.feature_adaptor`; when unset, the released
-        config key `event_feature_adaptor` decides.
+    vision_config (`dict` or `CLIPVisionConfig`): the CLIP tower. A released config.json has none: loading
+        then takes it from the `mm_visual_tower` directory, else from the tower weights' shapes in the
+        checkpoint (`EventChatForCausalLM.from_pretrained`), else ViT-L/14-336.
+    use_feature_adaptor (`bool`, *optional*): build `model.feature_adaptor`; when unset, the adaptor exists
+        when the released config key `event_feature_adaptor` exists, whatever its value (as the released
+        code builds it).
     event_token_index (`int`): input id of the event placeholder (-200 as in the released code).
     """
 
@@ -78,7 +83,7 @@ class EventChatConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         if self.use_feature_adaptor is None:
-            self.use_feature_adaptor = bool(kwargs.get("event_feature_adaptor", False))
+            self.use_feature_adaptor = "event_feature_adaptor" in kwargs   # hasattr(config, ...) upstream
         super().__post_init__(**kwargs)
 
 
@@ -241,6 +246,8 @@ class EventChatForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         if not (model_dir / "config.json").is_file():
             raise DataError(model_dir, "no config.json: not an EventGPT checkpoint directory")
         wants_info = kwargs.pop("output_loading_info", False)
+        if "config" not in kwargs:
+            kwargs["config"] = released_config(model_dir)
         model, info = super().from_pretrained(model_dir, *args, output_loading_info=True, **kwargs)
         if any(key.startswith("model.visual_tower.") for key in info["missing_keys"]):
             model.model.visual_tower.visual_tower["vision_model"] = _load_clip_tower(model, model_dir)
@@ -248,13 +255,75 @@ class EventChatForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return (model, info) if wants_info else model
 
 
+TOWER_PREFIX = "model.visual_tower.visual_tower.vision_model."
+
+
+def released_config(model_dir: Path) -> EventChatConfig:
+    """The checkpoint's config; when config.json names no `vision_config` (the released files), the tower's
+    config comes from the local `mm_visual_tower` directory, else from the tower weights in the checkpoint,
+    else stays ViT-L/14-336 (the tower is then read from `mm_visual_tower` after loading)."""
+    config = EventChatConfig.from_pretrained(model_dir)
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(model_dir / "config.json", f"not valid JSON ({e})") from None
+    if "vision_config" in raw:
+        return config
+    shapes = checkpoint_shapes(model_dir)
+    tower_dir = _tower_dir(model_dir, config.mm_visual_tower)
+    if tower_dir is not None and (tower_dir / "config.json").is_file():
+        config.vision_config = CLIPVisionConfig.from_pretrained(tower_dir)
+    elif any(k.startswith(TOWER_PREFIX) for k in shapes):
+        config.vision_config = tower_config_from_shapes(shapes, model_dir)
+    if "model.visual_projector.0.weight" in shapes:
+        config.mm_hidden_size = shapes["model.visual_projector.0.weight"][1]
+    return config
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} over the checkpoint's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    return shapes
+
+
+def tower_config_from_shapes(shapes: dict[str, list[int]], where: Path) -> CLIPVisionConfig:
+    """A CLIP vision config that fits the tower weights: width and patch from the patch embedding, image
+    size from the position embedding, depth from the layer count, heads at CLIP's 64 channels each."""
+    def shape(name: str) -> list[int]:
+        if TOWER_PREFIX + name not in shapes:
+            raise DataError(where, f"the checkpoint's visual tower lacks {TOWER_PREFIX + name}",
+                            "give the tower's config as vision_config in config.json, or mm_visual_tower")
+        return shapes[TOWER_PREFIX + name]
+
+    width, _, patch, _ = shape("embeddings.patch_embedding.weight")
+    positions = shape("embeddings.position_embedding.weight")[0]
+    side = math.isqrt(positions - 1)
+    layers = 1 + max(int(k[len(TOWER_PREFIX):].split(".")[2]) for k in shapes
+                     if k.startswith(TOWER_PREFIX + "encoder.layers."))
+    return CLIPVisionConfig(**{**CLIP_VIT_L_14_336, "hidden_size": width, "patch_size": patch,
+                               "image_size": side * patch, "num_hidden_layers": layers,
+                               "intermediate_size": shape("encoder.layers.0.mlp.fc1.weight")[0],
+                               "num_attention_heads": max(1, width // 64)})
+
+
+def _tower_dir(model_dir: Path, tower: str | None) -> Path | None:
+    """`mm_visual_tower` as a local directory: relative to the model directory first, else as given."""
+    if not tower:
+        return None
+    return model_dir / tower if (model_dir / tower).is_dir() else Path(tower)
+
+
 def _load_clip_tower(model: EventChatForCausalLM, model_dir: Path) -> CLIPVisionTransformer:
     """The CLIP tower read from the local `mm_visual_tower` directory (never quantised), on the device and
     in the dtype of the model's embeddings."""
-    tower = model.config.mm_visual_tower
-    if not tower:
+    tower_dir = _tower_dir(model_dir, model.config.mm_visual_tower)
+    if tower_dir is None:
         raise DataError(model_dir, "checkpoint has no visual tower weights and config has no mm_visual_tower")
-    tower_dir = model_dir / tower if (model_dir / tower).is_dir() else Path(tower)
     if not (tower_dir / "config.json").is_file():
         raise DataError(tower_dir, "mm_visual_tower is not a local CLIP checkpoint directory",
                         hint="set mm_visual_tower in config.json to a local path")

@@ -201,6 +201,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.path = str(path) if path is not None else None
         self.quant = quant
+        self.engine = None   # what online decoding runs (a specdec.engine.StaticDecoder); None: the model itself
         self.text_config = model.config.get_text_config()
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
@@ -220,7 +221,13 @@ class HFBackend:
     # ------------------------------------------------------------------------------ description
 
     def identity(self) -> dict:
-        return {"name": self.name, "path": self.path, "config_hash": config_hash(self.model.config),
+        """What the store records of this model (specalign.identity): `weights` fingerprints the checkpoint
+        files, or the parameters of a model built in memory."""
+        from specalign.identity import weights_fingerprint
+
+        path = str(Path(self.path).resolve()) if self.path else None   # valid from any working directory
+        return {"name": self.name, "path": path, "config_hash": config_hash(self.model.config),
+                "weights": weights_fingerprint(self.path or self.model),
                 "vocab_size": self.text_config.vocab_size, "hidden_size": self.text_config.hidden_size,
                 "num_layers": self.text_config.num_hidden_layers, "quant": self.quant}
 

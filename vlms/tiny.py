@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 import torch
-from specalign.vlms.draft_backend import DRAFT_TEMPLATE
 from specalign.vlms.eventgpt import EVENT_TOKEN_INDEX, EventChatConfig, EventChatForCausalLM
-from specalign.vlms.target_backend import TARGET_TEMPLATE
+from specalign.vlms.eventgpt_backend import DRAFT_TEMPLATE
+from specalign.vlms.video_llava_backend import TARGET_TEMPLATE
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
@@ -101,23 +101,33 @@ def _mute_non_text_rows(model, tokenizer) -> None:
         head[rows] = 0.0
 
 
-def tiny_pair(seed: int = 0, words: list[str] | None = None
-              ) -> tuple[VideoLlavaForConditionalGeneration, EventChatForCausalLM, PreTrainedTokenizerFast]:
-    """(target, draft, tokenizer), randomly initialised from `seed` (the global RNG is left as it was)."""
-    tokenizer = build_tokenizer(words)
+def _seeded(build, seed: int, tokenizer):
+    """build() randomly initialised from `seed` (the global RNG is left as it was), non-text rows muted."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        target = VideoLlavaForConditionalGeneration(tiny_target_config(tokenizer)).eval()
-        torch.manual_seed(seed + 1)
-        draft = EventChatForCausalLM(tiny_draft_config(tokenizer)).eval()
-    for model in (target, draft):
-        _mute_non_text_rows(model, tokenizer)
-    return target, draft, tokenizer
+        model = build().eval()
+    _mute_non_text_rows(model, tokenizer)
+    return model
+
+
+def tiny_target(seed: int, tokenizer) -> VideoLlavaForConditionalGeneration:
+    return _seeded(lambda: VideoLlavaForConditionalGeneration(tiny_target_config(tokenizer)), seed, tokenizer)
+
+
+def tiny_draft(seed: int, tokenizer) -> EventChatForCausalLM:
+    return _seeded(lambda: EventChatForCausalLM(tiny_draft_config(tokenizer)), seed, tokenizer)
+
+
+def tiny_pair(seed: int = 0, words: list[str] | None = None
+              ) -> tuple[VideoLlavaForConditionalGeneration, EventChatForCausalLM, PreTrainedTokenizerFast]:
+    """(target, draft, tokenizer): the target initialised from `seed`, the draft from `seed` + 1."""
+    tokenizer = build_tokenizer(words)
+    return tiny_target(seed, tokenizer), tiny_draft(seed + 1, tokenizer), tokenizer
 
 
 def save_tiny_pair(out_dir: str | Path, seed: int = 0, words: list[str] | None = None) -> tuple[Path, Path]:
-    """Write `out_dir/target` and `out_dir/draft` (model + tokenizer each), loadable by `load_target`
-    and `load_draft`; returns the two directories."""
+    """Write `out_dir/target` and `out_dir/draft` (model + tokenizer each), loadable by
+    `VideoLlavaBackend.from_pretrained` and `EventGPTBackend.from_pretrained`; returns the two directories."""
     target, draft, tokenizer = tiny_pair(seed, words)
     dirs = Path(out_dir) / "target", Path(out_dir) / "draft"
     for model, d in zip((target, draft), dirs):

@@ -1,13 +1,16 @@
-"""The target backend: Video-LLaVA on the clip's video (implements vlms.base.VLMBackend)."""
+"""Video-LLaVA's backend: the model on the clip's video (implements vlms.base.VLMBackend); `kind: video_llava`
+in conf/models/*.yaml. Built as the target of the pair by default."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from specalign.data.samples import Request
 from specalign.vlms.base import Batch
 from specalign.vlms.hf_backend import HFBackend, clip_preprocess
+from specalign.vlms.registry import load_options, register_backend
 from specalign.vlms.video_llava import load_video_llava, video_tokens_per_frame
 
 from specalign.errors import DataError
@@ -17,9 +20,10 @@ TARGET_TEMPLATE = "USER: " + VIDEO_PLACEHOLDER + "\n{question} ASSISTANT:"
 NUM_FRAMES = 8
 
 
-class TargetBackend(HFBackend):
+@register_backend
+class VideoLlavaBackend(HFBackend):
+    kind = name = "video_llava"
     role = "target"
-    name = "video_llava"
     num_frames = NUM_FRAMES
 
     @property
@@ -55,14 +59,26 @@ class TargetBackend(HFBackend):
         media = torch.stack([frames[r.sample.id] for r in requests])
         return self.make_batch(requests, prompts, {"pixel_values_videos": media})
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
+                        load_image_tower: bool = False, device: str | torch.device = "cpu",
+                        compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False,
+                        kv_cache: str = "static") -> VideoLlavaBackend:
+        """Video-LLaVA and its tokenizer from a local checkpoint directory (see `load_video_llava`;
+        kv_cache: see `HFBackend`)."""
+        from transformers import AutoTokenizer
 
-def load_target(path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
-                load_image_tower: bool = False, device: str | torch.device = "cpu",
-                compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False,
-                kv_cache: str = "static") -> TargetBackend:
-    """Video-LLaVA and its tokenizer from a local checkpoint directory (see `load_video_llava`;
-    kv_cache: see `HFBackend`)."""
-    from transformers import AutoTokenizer
+        model = load_video_llava(path, quant, quantize_towers, load_image_tower, device, compute_dtype, quantize_head)
+        return cls(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
 
-    model = load_video_llava(path, quant, quantize_towers, load_image_tower, device, compute_dtype, quantize_head)
-    return TargetBackend(model, AutoTokenizer.from_pretrained(path), path=path, quant=quant, kv_cache=kv_cache)
+    @classmethod
+    def from_config(cls, path: str, cfg: Mapping, device, fallback_tokenizer=None) -> VideoLlavaBackend:
+        """With the keys of a conf/models entry (vlms/registry.py); its tokenizer is always in the checkpoint."""
+        return cls.from_pretrained(path, load_image_tower=bool(cfg.get("load_image_tower", False)), device=device,
+                                   **load_options(cfg))
+
+    @staticmethod
+    def tiny_model(seed: int, tokenizer) -> torch.nn.Module:
+        from specalign.vlms.tiny import tiny_target
+
+        return tiny_target(seed, tokenizer)
