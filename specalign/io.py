@@ -42,13 +42,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None or e.filename in (str(tmp), tmp):    # a write error carries no file name
-            raise OSError(e.errno, e.strerror, str(path)) from e
+    except Exception as e:
+        code = write_errno(e, tmp)
+        if code:
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_errno(e: Exception, tmp: Path) -> int | None:
+    """The errno of a failed write of `tmp`: an OSError's (a write error carries no file name), or the
+    one Rust writers (safetensors) put in their message, "(os error 28)"."""
+    if isinstance(e, OSError):
+        return e.errno if e.filename in (None, str(tmp), tmp) else None
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
 
 
 def write_json(path: str | Path, obj, indent: int = 2) -> None:

@@ -6,6 +6,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 
 import pytest
 import specalign.train.train as train_stage
@@ -105,3 +106,31 @@ def test_a_read_only_output_is_one_line(stores, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"error: {parent / 'run'}: ") and out.stderr.count("\n") == 1, out.stderr
     assert list(parent.iterdir()) == []
+
+
+WRITE_SCRIPT = """
+import resource, signal, sys, torch
+from safetensors.torch import save_file
+from specalign.io import atomic_path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+writers = {"bytes": lambda tmp: tmp.write_bytes(bytes(100_000)),
+           "safetensors": lambda tmp: save_file({"x": torch.zeros(100_000)}, str(tmp))}
+try:
+    with atomic_path(sys.argv[2]) as tmp:
+        writers[sys.argv[1]](tmp)
+except OSError as e:
+    print(e.errno, e.filename)
+"""
+
+
+@pytest.mark.parametrize("writer", ["bytes", "safetensors"])
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, writer):
+    """Every output goes through io.atomic_path: a write that fails part way (here past RLIMIT_FSIZE; a
+    full disk alike) leaves the old file, no temp file, and an OSError naming the file."""
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    out = subprocess.run([sys.executable, "-c", WRITE_SCRIPT, writer, str(target)], capture_output=True, text=True,
+                         check=False)
+    assert out.stdout.split() == ["27", str(target)], out.stderr[-2000:]      # EFBIG
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
