@@ -10,6 +10,7 @@ import pytest
 import torch
 from specalign.data.samples import Request
 from specalign.data.synth import synthesize
+from specalign.runtime import torch_threads
 from specalign.train import teach
 from specalign.train.teach import (
     TeachModule,
@@ -33,7 +34,7 @@ FAST = {"durations": ["1s"], "clips": CLIPS, "epochs": 2, "val_clips": 1, "val_e
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    with teach.single_thread():
+    with torch_threads(1):
         yield
 
 
