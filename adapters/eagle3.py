@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ from specalign.adapters.registry import (
     register,
     stacked,
 )
-from specalign.data.features import feature_name, parse_feature
+from specalign.data.features import PROMPT, PROMPT_TOKEN, VIDEO, context_name, feature_name, parse_feature
 from specalign.data.store import FeatureStore
 from specalign.train.modules import DrafterModule, lengths_mask, masked_mean, topk_metrics
 from torch import Tensor, nn
@@ -53,6 +55,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
+    rotate_half,
 )
 
 from specalign.errors import DataError, SpecalignError, StoreMismatch
@@ -78,6 +81,12 @@ class Eagle3Config:
     norm_before_residual: bool = False
     ttt_steps: int = 7
     ttt_decay: float = 0.8
+    # prompt context (store format 2): the prompt row (position P - 2, paired with the last prompt token, lets
+    # the first round propose r_0) and K pooled video rows, read as K extra keys every chain attends to
+    prompt_context: bool = False
+    context_features: list[str] = field(default_factory=list)   # feature_names the context holds (others: 0)
+    video_rows: int = 0                  # K
+    video_token_id: int | None = None    # the target's video placeholder id (online: where the video is)
 
     def __post_init__(self):
         if self.feature_source not in FEATURE_SOURCES:
@@ -117,6 +126,44 @@ def fuse_features(get: Callable[[str], torch.Tensor], names: Sequence[str]) -> t
     return torch.cat([get(name) for name in names], -1)
 
 
+class PromptRows(NamedTuple):
+    """The drafter input of one response with its prompt context (`propose`'s `features`)."""
+
+    rows: Tensor        # [n, fc_in] fused feature rows (`fuse_features`)
+    prompt: Tensor      # [fc_in] the prompt row (vlms.alignment.prompt_row_position)
+    token: int          # the last prompt token, embedded beside the prompt row
+    video: Tensor       # [K, fc_in] the pooled video rows
+
+
+def fuse_context(get: Callable[[str], Tensor], names: Sequence[str], present: Sequence[str]) -> Tensor:
+    """A context's fused rows: get(name) -> [m, H_name] for the names in `present` (the store's context
+    features); the parts of the other names (EventGPT's, with feature_source both) are zeros -> [m, fc_in]."""
+    parts = {n: get(n) for n in names if n in present}
+    like = next(iter(parts.values()))
+    return torch.cat([parts.get(n, like.new_zeros(like.shape)) for n in names], -1)
+
+
+def context_inputs(store: FeatureStore, row, names: Sequence[str], present: Sequence[str]) -> dict:
+    """A store row's prompt context as one batch item: prompt [fc_in], prompt_token [] and video [K, fc_in]
+    (data/features.py names; `fuse_context`)."""
+    return {"prompt": fuse_context(lambda n: store.context(row, context_name(PROMPT, n)), names, present)[0],
+            "prompt_token": store.context(row, PROMPT_TOKEN)[0],
+            "video": fuse_context(lambda n: store.context(row, context_name(VIDEO, n)), names, present)}
+
+
+def require_context(store: FeatureStore, config: Eagle3Config) -> None:
+    """A store must carry the prompt context a drafter with prompt_context reads: else one line naming the
+    store and the command that writes one."""
+    spec = store.context_spec
+    needed = [n for n in config.feature_names if parse_feature(n)[0] == "target"]
+    if spec is None or not set(needed) <= set(spec.get("features", [])) or spec.get("video_rows") != config.video_rows:
+        have = "none" if spec is None else f"{spec.get('features')} x {spec.get('video_rows')} video rows"
+        raise StoreMismatch(f"{store.root}: this EAGLE-3 drafter reads the prompt context ({needed} x "
+                            f"{config.video_rows} video rows), the store holds {have} (format version "
+                            f"{store.manifest.get('format_version')}); re-extract it with `specalign extract "
+                            f"out=NEW_STORE` (store format 2), or train with adapter.prompt_context=false")
+
+
 class Eagle3Attention(nn.Module):
     """LLaMA attention whose q/k/v read the 2H input [embed, hidden]; keys/values of earlier
     TTT steps (or of the cache) come in as `past`."""
@@ -143,6 +190,15 @@ class Eagle3Attention(nn.Module):
                                            enable_gqa=self.n_head != self.n_kv)
         return self.o_proj(a.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
+    def kv(self, x, cos, sin):
+        """Keys and values only, x [B, K, 2H] -> (k, v) [B, n_kv, K, hd]: rows that are attended to and
+        predict nothing (the video context)."""
+        B, K, _ = x.shape
+        k = self.k_proj(x).view(B, K, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, K, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return k * cos + rotate_half(k) * sin, v
+
 
 class Eagle3DecoderLayer(nn.Module):
     def __init__(self, c: LlamaConfig, norm_before_residual: bool):
@@ -161,6 +217,10 @@ class Eagle3DecoderLayer(nn.Module):
         a, kv = self.self_attn(torch.cat([self.input_layernorm(emb), h], -1), cos, sin, past, mask)
         h = residual + a
         return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+    def memory(self, emb, hidden, cos, sin):
+        """(k, v) of context rows: the same q/k/v input [embed, hidden] as `forward`, no query."""
+        return self.self_attn.kv(torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], -1), cos, sin)
 
 
 class Eagle3Drafter(nn.Module):
@@ -182,6 +242,12 @@ class Eagle3Drafter(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(lc)
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(c.vocab_size, dtype=torch.bool))
+        # The video summary enters as K prepended rows, as the prompt positions a serving engine runs the drafter
+        # over, only pooled: a learned embedding per row in place of a token's, fc over its pooled features. One
+        # layer computes their keys/values from their inputs alone (no attention), so they cost K keys per query
+        # and nothing else, and the TTT mask leaves them visible to every chain at every step.
+        if c.prompt_context:
+            self.context_embed = nn.Parameter(torch.randn(c.video_rows, c.hidden_size) * 0.02)
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
@@ -194,25 +260,57 @@ class Eagle3Drafter(nn.Module):
         past.append(kv)
         return h, self.lm_head(self.norm(h))
 
-    def _unroll(self, feats: Tensor, tokens: Tensor, steps: int) -> Iterator[Tensor]:
-        """The TTT passes one by one: step k's logits [B, T, N] (see `ttt`)."""
+    def memory(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """The video rows' keys and values: video [B, K, fc_in] at positions 0..K-1 -> (k, v)."""
+        B, K, _ = video.shape
+        hidden = self.fc(video.to(self.fc.weight.dtype))
+        cos, sin = self.rotary_emb(hidden, torch.arange(K, device=video.device)[None])
+        return self.layers[0].memory(self.context_embed.to(hidden.dtype).expand(B, K, -1), hidden, cos, sin)
+
+    def with_context(self, feats: Tensor, tokens: Tensor, context: dict | None):
+        """A batch's sequence as the layer reads it. Without context: (feats, tokens, [], 0). With it
+        (prompt [B, fc_in], prompt_token [B], video [B, K, fc_in]): the prompt row and the last prompt token
+        go first, so chain j reads row j - 1 and predicts r_j, and chain 0 proposes r_0; the video rows'
+        keys come as a first `past` entry; positions start after them. -> (feats [B, T', fc_in],
+        tokens [B, T'], past, K)."""
+        if context is None:
+            return feats, tokens, [], 0
+        feats = torch.cat([context["prompt"][:, None].to(feats.dtype), feats], 1)
+        tokens = torch.cat([context["prompt_token"][:, None].to(tokens.dtype), tokens], 1)
+        return feats, tokens, [self.memory(context["video"])], context["video"].shape[1]
+
+    def context_of(self, batch: dict) -> dict | None:
+        """The batch's prompt context, or None for a drafter without one; a batch that lacks what the drafter
+        reads is refused."""
+        if not self.config.prompt_context:
+            return None
+        if "video" not in batch:
+            raise SpecalignError("this EAGLE-3 drafter reads the prompt context (prompt_context: true) and the "
+                                 "batch has none: use a store written by `specalign extract` (store format 2)")
+        return {k: batch[k] for k in ("prompt", "prompt_token", "video")}
+
+    def _unroll(self, feats: Tensor, tokens: Tensor, steps: int, context: dict | None = None) -> Iterator[Tensor]:
+        """The TTT passes one by one: step k's logits [B, T', N] (see `ttt`; T' = T + 1 with context)."""
+        feats, tokens, past, K = self.with_context(feats, tokens, context)
         T = tokens.shape[1]
         dev = tokens.device
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         diag = torch.eye(T, dtype=torch.bool, device=dev)
-        pos = torch.arange(T, device=dev)[None]
+        seen = torch.ones(T, K, dtype=torch.bool, device=dev)             # the video rows: always visible
+        pos = K + torch.arange(T, device=dev)[None]
         hidden = self.fc(feats.to(self.fc.weight.dtype))
-        past = []
         for k in range(steps):
             ids = F.pad(tokens[:, k:], (0, k))                          # chain i reads r_{i+k}
-            mask = torch.cat([causal] + [diag] * k, 1)                  # [T, (k+1) T]
+            mask = torch.cat([seen, causal] + [diag] * k, 1)            # [T, K + (k+1) T]
             hidden, logits = self.step(ids, hidden, pos + k, past, mask)
             yield logits
 
-    def ttt(self, feats: Tensor, tokens: Tensor, steps: int | None = None) -> list[Tensor]:
+    def ttt(self, feats: Tensor, tokens: Tensor, steps: int | None = None, context: dict | None = None
+            ) -> list[Tensor]:
         """Training-time test. feats [B, T, fc_in] (row i), tokens [B, T] (r_i), right padded.
-        Returns per step k the logits [B, T, N] of every chain i, predicting r_{i+k+1}."""
-        return list(self._unroll(feats, tokens, self.config.ttt_steps if steps is None else steps))
+        Returns per step k the logits [B, T, N] of every chain i, predicting r_{i+k+1}; with `context`
+        ([B, T + 1, N]; see `with_context`) chain i predicts r_{i+k}."""
+        return list(self._unroll(feats, tokens, self.config.ttt_steps if steps is None else steps, context))
 
     def target_logits(self, logits: Tensor) -> Tensor:
         """Draft-vocabulary logits [..., N] -> [..., V_target], -inf outside the draft vocabulary."""
@@ -225,25 +323,35 @@ class Eagle3Drafter(nn.Module):
         """A feature batch (tokens [B, T], feats [B, T, fc_in]) -> teacher-forced step-0 log-probabilities
         [B, T, V_target], row j for r_j (chain j-1), -inf outside the draft vocabulary. Row 0 is -inf
         everywhere: r_0 is the target's own first token (see `propose`)."""
-        tokens = batch["tokens"]
-        lp = next(self._unroll(batch["feats"], tokens, 1)).float().log_softmax(-1)     # [B, T, N]
+        tokens, context = batch["tokens"], self.context_of(batch)
+        lp = next(self._unroll(batch["feats"], tokens, 1, context)).float().log_softmax(-1)   # [B, T', N]
+        if context is not None:                                                         # chain j predicts r_j
+            return self.target_logits(lp)[:, : tokens.shape[1]]
         return F.pad(self.target_logits(lp)[:, :-1], (0, 0, 1, 0), value=float("-inf"))
 
     @torch.no_grad()
     def chain_runs(self, batch: dict, depth: int) -> ChainRuns:
         """The TTT unroll is the in-round unrolling: step k of chain i reads r_{i+k}, which is the
         drafter's own step-(k-1) token for as long as the chain is accepted, so `depth` batched passes
-        give every round. The chain of prefix p is chain p - 1; p = 0 proposes nothing."""
-        tokens, length = batch["tokens"], batch["length"]                              # [B, T], [B]
+        give every round. The chain of prefix p is chain p - 1; p = 0 proposes nothing, unless the prompt
+        context is read: then the chain of prefix p is chain p of the sequence that starts with the prompt row
+        (`with_context`), and p = 0 proposes too."""
+        tokens, length, context = batch["tokens"], batch["length"], self.context_of(batch)   # [B, T], [B]
         B, T = tokens.shape
-        running = torch.ones(B, T, dtype=torch.bool, device=tokens.device)           # chain i accepted so far
-        run = torch.zeros(B, T, dtype=torch.long, device=tokens.device)
-        for k, logits in enumerate(self._unroll(batch["feats"], tokens, max(1, min(depth, T - 1)))):
-            hit = self.to_target(logits[:, : T - k - 1].argmax(-1)) == tokens[:, k + 1:]   # chain i -> r_{i+k+1}
+        seq = tokens if context is None else F.pad(tokens, (1, 0))        # the labels: tokens of the sequence
+        S = seq.shape[1]
+        running = torch.ones(B, S, dtype=torch.bool, device=tokens.device)           # chain i accepted so far
+        run = torch.zeros(B, S, dtype=torch.long, device=tokens.device)
+        for k, logits in enumerate(self._unroll(batch["feats"], tokens, max(1, min(depth, S - 1)), context)):
+            hit = self.to_target(logits[:, : S - k - 1].argmax(-1)) == seq[:, k + 1:]    # chain i -> seq_{i+k+1}
             running &= F.pad(hit, (0, k + 1), value=False)
             run += running
-        run = F.pad(run[:, :-1], (1, 0))                                               # position p: chain p-1
-        cap = torch.full_like(run, depth).index_fill_(1, torch.tensor([0], device=run.device), 0)
+        if context is None:
+            run = F.pad(run[:, :-1], (1, 0))                                           # position p: chain p-1
+            cap = torch.full_like(run, depth).index_fill_(1, torch.tensor([0], device=run.device), 0)
+        else:
+            run = run[:, :T]                                                           # position p: chain p
+            cap = torch.full_like(run, depth)
         return ChainRuns(run.minimum(length[:, None] - torch.arange(T, device=run.device)).clamp_min(0), cap, length)
 
     @torch.no_grad()
@@ -255,25 +363,43 @@ class Eagle3Drafter(nn.Module):
         features: the fused rows of this response (`fuse_features`), at least p of them; only
         rows 0..p-1 (known once r_{p-1} is accepted) are read. Returns gamma target ids for
         r_p, r_{p+1}, ... and q (None when greedy). With p = 0 there is no accepted token to embed:
-        returns [] (the round then yields the target's own first token, as EAGLE's prefill does)."""
+        returns [] (the round then yields the target's own first token, as EAGLE's prefill does), unless
+        `features` is a `PromptRows` (a drafter with prompt_context): its prompt row proposes r_0 on."""
         p = len(tokens)
-        if p == 0 or gamma <= 0:
+        context = self.prompt_rows(features)
+        if (p == 0 and context is None) or gamma <= 0:
             return [], None
-        dev = self.fc.weight.device
-        feats = features[:p].to(dev, self.fc.weight.dtype)[None]          # [1, p, fc_in]
+        dev, dtype = self.fc.weight.device, self.fc.weight.dtype
+        rows = features.rows if context is not None else features
+        feats = rows[:p].to(dev, dtype)[None]                               # [1, p, fc_in]
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
-        causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
-        past, out, qs = [], [], []
-        hidden, logits = self.step(ids, self.fc(feats), torch.arange(p, device=dev)[None], past, causal)
-        hidden, logits = hidden[:, -1:], logits[:, -1:]                     # chain p-1
+        if context is not None:
+            context = {k: v.to(dev) for k, v in context.items()}
+        feats, ids, past, K = self.with_context(feats, ids, context)       # [1, n, fc_in]: n = p (+ 1)
+        n = ids.shape[1]
+        mask = torch.cat([torch.ones(n, K, dtype=torch.bool, device=dev),
+                          torch.ones(n, n, dtype=torch.bool, device=dev).tril()], 1)
+        out, qs = [], []
+        hidden, logits = self.step(ids, self.fc(feats), K + torch.arange(n, device=dev)[None], past, mask)
+        hidden, logits = hidden[:, -1:], logits[:, -1:]                     # the chain of prefix p
         for k in range(1, gamma + 1):
             tok, q = pick(self.target_logits(logits[0, -1].float()))
             out.append(tok)
             qs.append(q)
             if k < gamma:
                 hidden, logits = self.step(torch.tensor([[tok]], device=dev), hidden,
-                                           torch.tensor([[p - 1 + k]], device=dev), past, None)
+                                           torch.tensor([[K + n - 1 + k]], device=dev), past, None)
         return out, stacked(qs)
+
+    def prompt_rows(self, features) -> dict | None:
+        """`propose`'s features -> the batch-of-one prompt context (`with_context`), None without one."""
+        if not self.config.prompt_context:
+            return None
+        if not isinstance(features, PromptRows):
+            raise SpecalignError("this EAGLE-3 drafter reads the prompt context (prompt_context: true): give "
+                                 "`propose` a PromptRows (its FeatureInputs do)")
+        return {"prompt": features.prompt[None].to(self.fc.weight.dtype),
+                "prompt_token": torch.tensor([int(features.token)]), "video": features.video[None]}
 
     def num_params(self) -> int:
         """Trainable parameters (the frozen target embeddings excluded)."""
@@ -313,14 +439,18 @@ class Eagle3Module(DrafterModule):
 
     def losses(self, batch, train):
         m, c = self.model, self.model.config
-        tokens = batch["tokens"]                                                  # [B, T]
-        T = tokens.shape[1]
-        valid = lengths_mask(batch["length"], T)
+        tokens, context = batch["tokens"], m.context_of(batch)                     # [B, T]
+        valid = lengths_mask(batch["length"], tokens.shape[1])
         with torch.no_grad():                                                     # row j predicts r_j
             teacher = (batch["final"].to(self.teacher_head.dtype) @ self.teacher_head.T).float().softmax(-1)
+        feats = batch["feats"]
+        if context is not None:   # the sequence starts with the last prompt token (`with_context`), never a label
+            tokens, valid = F.pad(tokens, (1, 0)), F.pad(valid, (1, 0), value=True)
+            teacher = F.pad(teacher, (0, 0, 1, 0))
+        T = tokens.shape[1]
         out = {"loss": 0.0}
         steps = max(1, min(c.ttt_steps, T - 1))
-        for k, logits in enumerate(m.ttt(batch["feats"], tokens, steps)):
+        for k, logits in enumerate(m.ttt(feats, batch["tokens"], steps, context)):
             mask = valid[:, k + 1:]                                               # chain i -> r_{i+k+1}
             labels, lg = tokens[:, k + 1:], logits[:, : T - k - 1]                # lg [B, T-k-1, N]
             ce = F.cross_entropy(lg.flatten(0, 1).float(), teacher[:, k + 1:].flatten(0, 1), reduction="none")
@@ -348,8 +478,10 @@ class FeatureInputs(OnlineInputs):
 
     request = DRAFT_PREFILL
 
-    def __init__(self, names: Sequence[str], draft_model=None, feature_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, names: Sequence[str], draft_model=None, feature_dtype: torch.dtype = torch.bfloat16,
+                 config: Eagle3Config | None = None):
         self.names, self.draft_model, self.feature_dtype = list(names), draft_model, feature_dtype
+        self.config = config if config is not None and config.prompt_context else None   # reads the prompt context
         self.layers = {n: online_layer(n) for n in self.names}
         self.hidden_layers = self._layers_of("target")
         self.draft_layers = self._layers_of("draft")
@@ -369,10 +501,35 @@ class FeatureInputs(OnlineInputs):
 
         self.rows: dict[str, list[Tensor]] = {n: [] for n in self.names}
         self._keep("target", {i: h[-1:] for i, h in (context.hidden or {}).items()})
+        self.prompt = self._prompt_context(context) if self.config is not None else None
         if self.draft_layers:
             pre = run_prefill(self.draft_model, context.request, self.draft_layers)
             self.draft_cache, self.fed = pre.cache, 0       # response tokens in the draft cache
             self._keep("draft", {i: h[-1:] for i, h in pre.hidden.items()})
+
+    def _prompt_context(self, context) -> PromptRows:
+        """The prompt row, the last prompt token and the video summary from the target's prefill hidden states
+        (vlms/alignment.py), rounded as the store rounds them: what extraction stores for the same prompt."""
+        from specalign.vlms.alignment import prompt_row_position, video_summary
+
+        c = self.config
+        ids = context.prefill.get("input_ids") if isinstance(context.prefill, dict) else None
+        if ids is None or not context.hidden or c.video_token_id is None:
+            raise SpecalignError("an EAGLE-3 drafter with the prompt context needs the target's prefill as a dict "
+                                 "with input_ids, its hidden states, and the video token id in its config")
+        ids = ids[0].cpu()
+
+        def part(kind: str):
+            def get(name: str) -> Tensor:
+                h = context.hidden[self.layers[name][1]]
+                if kind == PROMPT:
+                    return h[prompt_row_position(len(ids))][None].float()
+                return video_summary(h, ids.to(h.device), c.video_token_id, c.video_rows)
+            return lambda name: get(name).to(self.feature_dtype)
+
+        prompt = fuse_context(part(PROMPT), self.names, c.context_features)[0]
+        return PromptRows(torch.empty(0), prompt, int(ids[-1]), fuse_context(part(VIDEO), self.names,
+                                                                            c.context_features))
 
     def _feed_draft(self, accepted: list[int]) -> None:
         """Draft rows up to the one predicting the newest accepted token: feed r[fed : p - 1]."""
@@ -387,7 +544,8 @@ class FeatureInputs(OnlineInputs):
         """The fused rows of the accepted prefix: [p, fc_in]."""
         if self.draft_layers:
             self._feed_draft(accepted)
-        return fuse_features(lambda n: torch.cat(self.rows[n])[: len(accepted)], self.names)
+        rows = fuse_features(lambda n: torch.cat(self.rows[n])[: len(accepted)], self.names)
+        return rows if self.prompt is None else self.prompt._replace(rows=rows)
 
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         if hidden:
@@ -420,28 +578,43 @@ class Eagle3Type(DrafterType):
         names = [n for s in sources for n in store.feature_names(s)[:3]]   # low/mid/high, not final
         row = store.select(split)[0]
         heads = a["num_attention_heads"] or max(1, H // 128)
-        return Eagle3Config(
+        spec = store.context_spec or {}
+        context = bool(a.get("prompt_context", False)) and a["feature_source"] != "draft"  # target features only
+        config = Eagle3Config(
             hidden_size=H, intermediate_size=a["intermediate_size"] or 11008 * H // 4096,
             num_attention_heads=heads, num_key_value_heads=a["num_key_value_heads"] or heads,
             rms_norm_eps=a["rms_norm_eps"], rope_theta=a["rope_theta"], vocab_size=V,
             draft_vocab_size=min(a["draft_vocab_size"], V), feature_source=a["feature_source"],
             feature_names=names, fc_in_features=sum(store.hidden(row, n).shape[-1] for n in names),
-            aux_layer_ids=store.layers("target"), ttt_steps=a["ttt_steps"], ttt_decay=a["ttt_decay"])
+            aux_layer_ids=store.layers("target"), ttt_steps=a["ttt_steps"], ttt_decay=a["ttt_decay"],
+            prompt_context=context, context_features=[n for n in names if n in spec.get("features", [])],
+            video_rows=int(spec.get("video_rows", 0)), video_token_id=spec.get("video_token_id"))
+        if context:
+            config.context_features = config.context_features or [n for n in names if n.startswith("target.")]
+            config.video_rows = config.video_rows or 1
+            require_context(store, config)
+        return config
 
     def data_module(self, store: str, config: Eagle3Config, **loader):
         from specalign.train.datamodule import FeatureDataModule
 
-        return FeatureDataModule(store, config.feature_names, **loader)
+        context = None
+        if config.prompt_context:
+            context = partial(context_inputs, names=config.feature_names, present=config.context_features)
+        return FeatureDataModule(store, config.feature_names, context=context, **loader)
 
     def batch(self, model, store, rows, **options):
         """tokens [B, T], length [B], feats [B, T, fc_in] (zero padded): what `chain_runs` and
         `next_logprobs` read of a training batch."""
-        from specalign.train.datamodule import PAD_ID, pad
+        from specalign.train.datamodule import PAD_ID, collate_context, pad
 
-        names = model.config.feature_names
+        c = model.config
+        names = c.feature_names
+        context = [context_inputs(store, r, names, c.context_features) for r in rows] if c.prompt_context else [{}]
         return {"tokens": pad([torch.tensor(r.target_tokens, dtype=torch.long) for r in rows], PAD_ID),
                 "length": torch.tensor([len(r.target_tokens) for r in rows]),
-                "feats": pad([fuse_features(lambda n, r=r: store.hidden(r, n), names) for r in rows])}
+                "feats": pad([fuse_features(lambda n, r=r: store.hidden(r, n), names) for r in rows]),
+                **collate_context(context)}
 
     def check_store(self, model, store) -> None:
         names = model.config.feature_names
@@ -450,24 +623,32 @@ class Eagle3Type(DrafterType):
         if not store.has_hidden or missing:
             raise StoreMismatch(f"{store.root}: this EAGLE-3 drafter reads {names}, which the store does not "
                                 "have; evaluate it on a store from `specalign extract` with the same models")
+        if model.config.prompt_context:
+            require_context(store, model.config)
 
     def notes(self, model, name, mode):
         c = model.config
+        if c.prompt_context:
+            first = (f"with the prompt context (the prompt row and {c.video_rows} pooled video rows of the "
+                     "target's prefill), so its first round proposes too")
+        else:
+            first = "its first round of each response proposes nothing (no accepted token to embed yet)"
         if mode == "offline":
-            return [(f"'{name}': EAGLE-3 on {c.feature_source} features; its first round of each response "
-                     "proposes nothing (no accepted token to embed yet), as EAGLE's prefill.")]
-        notes = [f"'{name}': EAGLE-3 on {c.feature_names}; it proposes nothing in the first round."]
+            return [f"'{name}': EAGLE-3 on {c.feature_source} features; {first}."]
+        notes = [f"'{name}': EAGLE-3 on {c.feature_names}; {first}."]
         if any(parse_feature(n)[0] == "draft" for n in c.feature_names):
             notes.append(f"'{name}': its EventGPT features cost a draft prefill per request (its setup) and one "
                          "draft forward over the newly accepted tokens per round (inside its drafting time).")
         return notes
 
     def online_inputs(self, model, draft_model, **options):
-        return FeatureInputs(model.config.feature_names, draft_model)
+        return FeatureInputs(model.config.feature_names, draft_model, config=model.config)
 
     def static_proposer(self, model, cuda_graphs, compile):
         from specalign.specdec.fast_drafters import Eagle3Proposer
 
+        if model.config.prompt_context:   # the static-shape rounds know no prompt context yet: eager `propose`
+            return None
         return Eagle3Proposer(model, cuda_graphs, compile)
 
     def vocab_info(self, model):
@@ -503,12 +684,26 @@ class Eagle3Type(DrafterType):
                          "architectures": verifier_arch},
             },
             "source_store": extra.get("source_store"),   # the store it was trained on (specalign.identity)
+            # what this drafter reads besides the aux hidden states (speculators has no key for it: vLLM does not
+            # feed it, so a drafter with prompt_context is exported for our engine and for inspection)
+            "specalign_prompt_context": {
+                "enabled": c.prompt_context,
+                **({"prompt_row": "aux hidden states at the prompt position before the last (P - 2), paired "
+                                  "with the last prompt token: the first round proposes r_0",
+                    "video_rows": c.video_rows, "video_token_id": c.video_token_id,
+                    "video_pool": "mean of the aux hidden states over video_rows equal contiguous runs of the "
+                                  "video positions (one per frame), fed through fc beside the learned "
+                                  "context_embed [video_rows, hidden] as keys every query attends to",
+                    "context_features": c.context_features} if c.prompt_context else {}),
+            },
         }
 
     def from_speculators(self, config: dict, state: dict) -> Eagle3Drafter:
         layer = config["transformer_layer_config"]
         theta = layer.get("rope_theta", (layer.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         ids = list(config["eagle_aux_hidden_state_layer_ids"])
+        ctx = config.get("specalign_prompt_context") or {}
+        names = [feature_name("target", i) for i in ids]
         return Eagle3Drafter(Eagle3Config(
             hidden_size=layer["hidden_size"], intermediate_size=layer["intermediate_size"],
             num_attention_heads=layer["num_attention_heads"],
@@ -516,6 +711,8 @@ class Eagle3Type(DrafterType):
             rms_norm_eps=layer["rms_norm_eps"], rope_theta=theta,
             max_position_embeddings=layer["max_position_embeddings"], vocab_size=layer["vocab_size"],
             draft_vocab_size=config["draft_vocab_size"], feature_source="target",
-            feature_names=[feature_name("target", i) for i in ids], fc_in_features=state["fc.weight"].shape[1],
+            feature_names=names, fc_in_features=state["fc.weight"].shape[1],
             aux_layer_ids=ids, norm_before_residual=config["norm_before_residual"],
-            ttt_steps=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]))
+            ttt_steps=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],
+            prompt_context=bool(ctx.get("enabled")), context_features=ctx.get("context_features", []),
+            video_rows=int(ctx.get("video_rows", 0)), video_token_id=ctx.get("video_token_id")))

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from specalign.data.features import feature_name
+from specalign.data.features import feature_name, is_context
 
 from specalign import __version__
 from specalign.errors import DataError, StoreMismatch
@@ -54,7 +54,8 @@ from specalign.io import append_line, atomic_path, write_json
 log = logging.getLogger("specalign.store")
 
 FORMAT = "specalign-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the prompt context per row (manifest "context"); version 1 stores still load
+READ_VERSIONS = (1, 2)
 SPLITS = ("train", "val", "test")
 __all__ = ["IDENTITY_KEYS", "FeatureStore", "StoreWriter"]
 
@@ -78,6 +79,7 @@ def row_schema():
         ("shard", pa.string()),
         ("offset", pa.int64()),
         ("extra", pa.string()),  # JSON: anything else a source carries (e.g. reference captions)
+        ("context_row", pa.int32()),  # the row's place in its shard's context tensors (null: none)
     ])
 
 
@@ -106,10 +108,10 @@ def is_store(path: Path) -> bool:
 def check_manifest(path: Path, manifest: dict, expect: dict | None) -> None:
     if manifest.get("format") != FORMAT:
         raise StoreMismatch(f"{path}: not a specalign feature store (format={manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise StoreMismatch(
             f"{path}: store format version {manifest.get('format_version')} but this specalign reads "
-            f"version {FORMAT_VERSION}; re-run extract/import-pairs to rebuild it")
+            f"versions {list(READ_VERSIONS)}; re-run extract/import-pairs to rebuild it")
     if expect:
         problems = differences(expect, manifest)
         if problems:
@@ -169,19 +171,50 @@ def nonfinite_reason(rows: list[dict], tensors: dict[str, torch.Tensor], bad: di
     return out
 
 
+def split_context(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A shard's tensors -> (per-token rows, per-row prompt context: `features.is_context` names)."""
+    context = {k: v for k, v in tensors.items() if is_context(k)}
+    return {k: v for k, v in tensors.items() if k not in context}, context
+
+
+def context_blocks(context: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
+    """Context tensors laid row after row ([n_rows * m, ...]) -> [n_rows, m, ...]; ValueError when a tensor's
+    first dimension is not a multiple of the row count."""
+    out = {}
+    for k, v in context.items():
+        if n_rows == 0 or v.shape[0] % n_rows:
+            raise ValueError(f"context tensor {k} has {v.shape[0]} entries, not a whole number per row of {n_rows}")
+        out[k] = v.reshape(n_rows, v.shape[0] // n_rows, *v.shape[1:])
+    return out
+
+
+def context_reason(n_rows: int, context: dict[str, torch.Tensor], bad: dict[str, int]) -> dict[int, str]:
+    """{row index: reason} for the rows whose prompt context (see `context_blocks`) holds NaN or inf at the
+    flat index `bad` gives (the first one of each tensor)."""
+    out: dict[int, str] = {}
+    for name in sorted(bad):
+        block = context_blocks({name: context[name]}, n_rows)[name]
+        for i in (~torch.isfinite(block.float().reshape(n_rows, -1))).any(-1).nonzero().flatten().tolist():
+            out.setdefault(i, f"non-finite prompt context: {name} holds NaN or inf")
+    return out
+
+
 def drop_nonfinite(rows: list[dict], tensors: dict[str, torch.Tensor]
                    ) -> tuple[list[dict], dict[str, torch.Tensor], list[tuple[str, str]]]:
-    """Split off the rows whose features hold NaN or inf: (kept rows, their tensors, [(key, reason)]).
-    A long extraction skips and records them instead of writing them."""
+    """Split off the rows whose features (or prompt context) hold NaN or inf: (kept rows, their tensors,
+    [(key, reason)]). A long extraction skips and records them instead of writing them."""
     if not tensors:
         return rows, tensors, []
-    _, bad = scan_tensors(tensors)
-    if not bad:
+    tokens, context = split_context(tensors)
+    _, bad = scan_tensors(tokens)
+    _, bad_context = scan_tensors(context)
+    if not bad and not bad_context:
         return rows, tensors, []
-    reasons = nonfinite_reason(rows, tensors, bad)
+    reasons = {**context_reason(len(rows), context, bad_context), **nonfinite_reason(rows, tokens, bad)}
     ends = np.cumsum([0] + [len(r["target_tokens"]) for r in rows])
     keep = [i for i in range(len(rows)) if i not in reasons]
-    kept = {k: torch.cat([v[ends[i]:ends[i + 1]] for i in keep]) if keep else v[:0] for k, v in tensors.items()}
+    kept = {k: torch.cat([v[ends[i]:ends[i + 1]] for i in keep]) if keep else v[:0] for k, v in tokens.items()}
+    kept |= {k: v[keep].flatten(0, 1) for k, v in context_blocks(context, len(rows)).items()}
     errors = [(rows[i].get("key") or row_key(rows[i]["sample_id"], rows[i]["question_id"]), reasons[i])
               for i in sorted(reasons)]
     return [rows[i] for i in keep], kept, errors
@@ -252,7 +285,11 @@ class StoreWriter:
                          "specalign_version": __version__, **manifest}
         mpath = self.root / "manifest.json"
         if mpath.exists():
-            problems = differences(store_identity(self.manifest), read_manifest(mpath))
+            old = read_manifest(mpath)
+            problems = differences(store_identity(self.manifest), old)
+            for key in ("format_version", "context"):    # a resume never mixes rows with and without context
+                if old.get(key) != self.manifest.get(key):
+                    problems.append((key, self.manifest.get(key), old.get(key)))
             if problems:
                 raise StoreMismatch(
                     f"{mpath}: an existing store with other settings is in the way: "
@@ -277,12 +314,16 @@ class StoreWriter:
         return [json.loads(line)["key"] for line in p.read_text().splitlines() if line.strip()]
 
     def write_shard(self, rows: list[dict], tensors: dict[str, torch.Tensor] | None = None) -> str:
-        """Write rows (and their concatenated hidden states) as one shard, atomically."""
+        """Write rows (and their concatenated hidden states) as one shard, atomically. Prompt context tensors
+        (`features.is_context` names) hold each row's entries one row after the other."""
         name = f"r{self.rank:02d}-{self._next:06d}"
         offset = 0
         clean = []
-        for r in rows:
+        tensors, context = split_context({k: v.contiguous() for k, v in (tensors or {}).items()})
+        context_blocks(context, len(rows))                        # a whole number of entries per row
+        for i, r in enumerate(rows):
             r = dict(r)
+            r["context_row"] = i if context else None
             r.setdefault("key", row_key(r["sample_id"], r["question_id"]))
             r["target_len"] = len(r["target_tokens"])
             r["draft_len"] = len(r["draft_tokens"])
@@ -290,7 +331,6 @@ class StoreWriter:
             r["offset"] = offset if tensors else None
             offset += r["target_len"]
             clean.append(r)
-        tensors = {k: v.contiguous() for k, v in (tensors or {}).items()}
         for k, v in tensors.items():
             if v.shape[0] != offset:
                 raise ValueError(f"shard tensor {k} has {v.shape[0]} rows, rows need {offset}")
@@ -298,11 +338,13 @@ class StoreWriter:
             tensors = {"_empty": torch.zeros(0)}
         path = self.shard_dir / f"{name}.safetensors"
         _, bad = scan_tensors(tensors)
-        if bad:
-            i, reason = next(iter(sorted(nonfinite_reason(clean, tensors, bad).items())))
+        _, bad_context = scan_tensors(context)
+        if bad or bad_context:
+            reasons = {**context_reason(len(clean), context, bad_context), **nonfinite_reason(clean, tensors, bad)}
+            i, reason = next(iter(sorted(reasons.items())))
             raise DataError(path, f"row {clean[i]['key']}: {reason}; a store never holds non-finite features",
                             "skip such rows (store.drop_nonfinite) or fix what produced them")
-        save_checked(path, tensors, {"rows": json.dumps(clean)})
+        save_checked(path, {**tensors, **context}, {"rows": json.dumps(clean)})
         self._next += 1
         return name
 
@@ -387,6 +429,7 @@ class Row:
     shard: str | None
     offset: int | None
     extra: dict
+    context_row: int | None = None     # its place in its shard's prompt-context tensors (format 2)
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
@@ -496,7 +539,7 @@ class FeatureStore:
                    target_tokens=list(r["target_tokens"]), draft_tokens=list(r["draft_tokens"]),
                    target_text=r.get("target_text"), draft_text=r.get("draft_text"),
                    shard=r.get("shard"), offset=r.get("offset"),
-                   extra=json.loads(r["extra"]) if r.get("extra") else {})
+                   extra=json.loads(r["extra"]) if r.get("extra") else {}, context_row=r.get("context_row"))
 
     # -- selection
     @property
@@ -524,6 +567,26 @@ class FeatureStore:
 
     def layers(self, model: str) -> list[int]:
         return list(self.manifest["layers"][model])
+
+    @property
+    def context_spec(self) -> dict | None:
+        """The manifest's "context" (format 2 stores from `specalign extract`): {"features": the features
+        whose prompt context each row carries, "video_rows": K, "pool": how}; None without one."""
+        return self.manifest.get("context")
+
+    def context(self, row: Row, name: str) -> torch.Tensor:
+        """Row's prompt context `name` (data/features.py: "prompt.target.h2" [1, H], "prompt.token" [1],
+        "video.target.h2" [K, H])."""
+        if row.context_row is None or row.shard is None:
+            raise DataError(self.root, f"row {row.key} has no prompt context (a store without it)",
+                            "re-extract with `specalign extract` (store format 2)")
+        tensors = self._handle(row.shard)
+        if name not in tensors:
+            raise DataError(self.root / "shards" / f"{row.shard}.safetensors", f"no context tensor {name!r}",
+                            f"it holds {sorted(tensors)}")
+        t = tensors[name]
+        per_row = t.shape[0] // max(1, len(self._by_shard[row.shard]))
+        return t[row.context_row * per_row: (row.context_row + 1) * per_row]
 
     def feature_names(self, model: str) -> list[str]:
         """Captured EAGLE-3 low/mid/high layers (in order), then the final norm output."""

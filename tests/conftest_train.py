@@ -51,16 +51,25 @@ def target_head(seed: int = 0) -> torch.Tensor:
     return q.T.contiguous()                                                   # [V, H], orthonormal rows
 
 
+VIDEO_ROWS = 2
+
+
+def context_spec() -> dict:
+    return {"features": [f"target.h{i}" for i in LAYERS], "video_rows": VIDEO_ROWS, "video_token_id": 5,
+            "pool": "random"}
+
+
 def make_store(root: Path, n_train: int = 6, n_val: int = 3, kind: str = "full", seed: int = 0,
-               oracle: bool = False) -> Path:
+               oracle: bool = False, context: bool = True) -> Path:
     """A finished tiny store. oracle=True: the high captured target layer of row i holds
-    target.final of row i+1, i.e. it already knows the next token (the alignment check)."""
+    target.final of row i+1, i.e. it already knows the next token (the alignment check). context: each row
+    carries a prompt context (store format 2) whose prompt row's high layer holds 4 * lm_head[r_0]."""
     g = torch.Generator().manual_seed(seed + 1)
     seqs = sequences(n_train + n_val, seed)
     rows = [{"sample_id": f"s{i:02d}", "question_id": 0, "question": "q",
              "split": "train" if i < n_train else "val", "target_tokens": s, "draft_tokens": noisy_copy(s, g)}
             for i, s in enumerate(seqs)]
-    w = StoreWriter(root, manifest(kind))
+    w = StoreWriter(root, {**manifest(kind), **({"context": context_spec()} if context and kind == "full" else {})})
     if kind == "tokens":
         w.write_shard(rows)
         return w.finalize()
@@ -75,7 +84,14 @@ def make_store(root: Path, n_train: int = 6, n_val: int = 3, kind: str = "full",
     if oracle:
         finals = tensors["target.final"]
         tensors[f"target.h{LAYERS[-1]}"] = [torch.cat([f[1:], torch.zeros(1, H)]) for f in finals]
-    w.write_shard(rows, {k: torch.cat(v).to(torch.bfloat16) for k, v in tensors.items()})
+    tensors = {k: torch.cat(v).to(torch.bfloat16) for k, v in tensors.items()}
+    if context:
+        for i in LAYERS:
+            tensors[f"prompt.target.h{i}"] = torch.randn(len(seqs), H, generator=g).to(torch.bfloat16)
+            tensors[f"video.target.h{i}"] = torch.randn(len(seqs) * VIDEO_ROWS, H, generator=g).to(torch.bfloat16)
+        tensors[f"prompt.target.h{LAYERS[-1]}"] = (4 * head[torch.tensor([s[0] for s in seqs])]).to(torch.bfloat16)
+        tensors["prompt.token"] = torch.full((len(seqs),), 7, dtype=torch.long)
+    w.write_shard(rows, tensors)
     w.save_heads({"target.lm_head": head, "target.embed_tokens": torch.randn(V, H, generator=g),
                   "draft.lm_head": torch.randn(V, H_DRAFT, generator=g)})
     return w.finalize()

@@ -227,8 +227,10 @@ class FeatureRows(Dataset):
 
     The store is opened lazily in each worker process (its file handles do not pickle)."""
 
-    def __init__(self, root: str, rows: list[Row], feature_names: list[str], max_len: int):
+    def __init__(self, root: str, rows: list[Row], feature_names: list[str], max_len: int,
+                 context: Callable[[FeatureStore, Row], dict] | None = None):
         self.root, self.rows, self.names, self.max_len = root, rows, list(feature_names), max_len
+        self.context = context     # (store, row) -> the row's prompt context (adapters/eagle3.py context_inputs)
         self._store: FeatureStore | None = None
 
     def __getstate__(self):
@@ -249,7 +251,8 @@ class FeatureRows(Dataset):
         row, n = self.rows[i], min(len(self.rows[i].target_tokens), self.max_len)
         return {"tokens": torch.tensor(row.target_tokens[:n], dtype=torch.long),
                 "parts": [self.store.hidden(row, name)[:n] for name in self.names],
-                "final": self.store.hidden(row, "target.final")[:n], "index": i}
+                "final": self.store.hidden(row, "target.final")[:n], "index": i,
+                **(self.context(self.store, row) if self.context else {})}
 
 
 def batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -281,7 +284,16 @@ def collate_features(items: list[dict]) -> dict:
         final[b, n:] = 0
     return {"tokens": pinned(pad([it["tokens"] for it in items], PAD_ID)),
             "length": pinned(torch.tensor([len(it["tokens"]) for it in items])), "feats": feats, "final": final,
-            **row_index(items)}
+            **row_index(items), **collate_context(items)}
+
+
+def collate_context(items: list[dict]) -> dict:
+    """The items' prompt context, when they carry one: prompt [B, fc_in], prompt_token [B], video [B, K, fc_in]."""
+    if "video" not in items[0]:
+        return {}
+    return {"prompt": pinned(torch.stack([it["prompt"] for it in items])),
+            "prompt_token": pinned(torch.tensor([int(it["prompt_token"]) for it in items])),
+            "video": pinned(torch.stack([it["video"] for it in items]))}
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -299,15 +311,16 @@ def pinned(t: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureDataModule(_StoreDataModule):
-    def __init__(self, store: str, feature_names: list[str], max_len: int = 2048, **kw):
+    def __init__(self, store: str, feature_names: list[str], max_len: int = 2048,
+                 context: Callable[[FeatureStore, Row], dict] | None = None, **kw):
         super().__init__(store, **kw)
         if not self.store.has_hidden:
             raise DataError(store, "EAGLE-3 training needs hidden states, this is a tokens-only store",
                             "use a store written by `specalign extract`")
-        self.feature_names, self.max_len = list(feature_names), max_len
+        self.feature_names, self.max_len, self.context = list(feature_names), max_len, context
 
     def dataset(self, rows):
-        return FeatureRows(self.root, rows, self.feature_names, self.max_len)
+        return FeatureRows(self.root, rows, self.feature_names, self.max_len, self.context)
 
     def collate(self, items):
         return collate_features(items)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from specalign.data.dsec import EventCheck
-from specalign.data.features import feature_name, layer_key
+from specalign.data.features import PROMPT, PROMPT_TOKEN, VIDEO, context_name, feature_name, layer_key
 from specalign.data.layouts import dataset_entry
 from specalign.data.samples import Request, requests_of
 from specalign.data.store import StoreWriter, drop_nonfinite, is_store, split_of
+from specalign.vlms.alignment import prompt_row_position, video_summary
 from torch.utils.data import DataLoader, Dataset
 
 from specalign.errors import DataError, SpecalignError, SystematicFailure
@@ -80,8 +83,9 @@ class ExtractionModule(L.LightningModule):
         Rows equal `teacher_forced`'s up to floating-point noise (tests/test_vlm_backends.py)."""
         tb, db = self.target.prepare(requests), self.draft.prepare(requests)
         target_layers, draft_layers = self.target.capture_layers(), self.draft.capture_layers()
-        target_resp, target_feats = self.target.generate(tb, self.max_new_tokens, self.ignore_eos,
-                                                         capture_layers=target_layers)
+        with capture_prompt_context(self.target, tb, target_layers) as context:   # from the same prefill
+            target_resp, target_feats = self.target.generate(tb, self.max_new_tokens, self.ignore_eos,
+                                                             capture_layers=target_layers)
         draft_resp, draft_feats = self.draft.generate_and_teacher_force(db, self.max_new_tokens, target_resp,
                                                                         draft_layers, self.ignore_eos)
         feats = {}
@@ -89,6 +93,7 @@ class ExtractionModule(L.LightningModule):
             for layer in [*layers, None]:
                 rows = [t.to(torch.bfloat16).cpu() for t in out[layer_key(layer)]]
                 feats[feature_name(role, layer)] = torch.cat(rows)
+        feats |= context.tensors()
         rows = []
         for req, tr, dr in zip(requests, target_resp, draft_resp):
             rows.append({"sample_id": req.sample.id, "question_id": req.question_id, "question": req.question,
@@ -125,6 +130,68 @@ class ExtractionModule(L.LightningModule):
             if good:
                 tensors = {k: torch.cat([t[k] for t in good]) for k in good[0]}
             return {"rows": rows, "tensors": tensors, "errors": [e for res in results for e in res["errors"]]}
+
+
+VIDEO_ROWS_POOL = "mean over equal contiguous runs of the video positions, one run per frame"
+
+
+def context_spec(target) -> dict | None:
+    """The manifest's "context" (data/store.py): which target features each row's prompt context holds and
+    how many video rows; None for a target without video positions."""
+    frames = getattr(target, "num_frames", None)
+    if not frames or getattr(target.model.config, "video_token_index", None) is None:
+        return None
+    layers = list(dict.fromkeys(target.capture_layers()))
+    return {"features": [feature_name("target", i) for i in layers], "video_rows": int(frames),
+            "video_token_id": int(target.model.config.video_token_index), "pool": VIDEO_ROWS_POOL}
+
+
+class PromptContext:
+    """What `capture_prompt_context` keeps of one batch's prefill (B requests, left padded to width L)."""
+
+    def __init__(self, batch, spec: dict):
+        self.ids = batch.inputs["input_ids"]                                  # [B, L]
+        self.spec, self.found = spec, {}
+
+    def keep(self, name: str, hidden: torch.Tensor) -> None:
+        """Hook of the input of decoder layer `name` ("h{i}"): only the prefill's forward (width L) counts."""
+        feature = f"target.{name}"                                             # features.feature_name
+        if feature not in self.spec["features"] or hidden.shape[1] != self.ids.shape[1] or feature in self.found:
+            return
+        video_id, K = self.video_id, self.spec["video_rows"]
+        prompt = hidden[:, prompt_row_position(self.ids.shape[1])]                       # [B, H]; pad 0
+        video = torch.stack([video_summary(h, i, video_id, K) for h, i in zip(hidden, self.ids)])   # [B, K, H]
+        self.found[feature] = (prompt.to(torch.bfloat16).cpu(), video.flatten(0, 1).to(torch.bfloat16).cpu())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Store tensors, one row after the other (data/features.py names); empty without a spec."""
+        missing = [f for f in self.spec["features"] if f not in self.found] if self.spec else []
+        if missing:
+            raise SpecalignError(f"the target's prefill over the whole prompt was not seen for {missing}: the "
+                                 "prompt context is captured from it (train/extract.py capture_prompt_context)")
+        out = {PROMPT_TOKEN: self.ids[:, -1].long().cpu()} if self.spec else {}
+        for feature, (prompt, video) in self.found.items():
+            out[context_name(PROMPT, feature)] = prompt
+            out[context_name(VIDEO, feature)] = video
+        return out
+
+
+@contextmanager
+def capture_prompt_context(target, batch, layers) -> Iterator[PromptContext]:
+    """While the target generates, keep each request's prompt context from its prefill (the forward over
+    the whole prompt): per captured layer the prompt row (vlms.alignment.prompt_row_position) and the
+    video summary (vlms.alignment.video_summary), and the last prompt token. Hooks only: the decode loop
+    is untouched and no second pass over the prompt runs."""
+    from specalign.vlms.hf_backend import hook_layers
+
+    spec = context_spec(target)
+    ctx = PromptContext(batch, spec or {})
+    if spec is None:
+        yield ctx
+        return
+    ctx.video_id = int(target.model.config.video_token_index)
+    with hook_layers(target.decoder, layers, ctx.keep):
+        yield ctx
 
 
 def _reason(e: Exception) -> str:
@@ -206,6 +273,7 @@ def store_manifest(target, draft, cfg: DictConfig) -> dict:
         "prompts": {"target": target.prompt_template(), "draft": draft.prompt_template()},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "ignore_eos": cfg.ignore_eos},
         "data": dataset_entry(cfg.data),
+        **({"context": spec} if (spec := context_spec(target)) else {}),
     }
 
 

@@ -37,3 +37,25 @@ def gather_rows(hidden: torch.Tensor, prompt_lens: list[int], n_responses: list[
         idx = feature_positions(P, n, pad).to(hidden.device)
         out.append(hidden[b].index_select(0, idx))
     return out
+
+
+# ------------------------------------------------------------------------------------------ prompt context
+# What a drafter reads of the prompt (data/features.py, "prompt context"), defined here for extraction and
+# the online engine alike. EAGLE-3 pairs the feature at position t with the token at t + 1 to predict the
+# token at t + 2; to propose r_0 (at position P) it pairs the feature at P - 2 with the last prompt token.
+
+def prompt_row_position(prompt_len: int, pad: int = 0) -> int:
+    """Sequence position of the prompt row: the prompt position before the last one (P - 2)."""
+    if prompt_len < 2:
+        raise ValueError(f"a prompt row needs a prompt of 2 tokens at least, got {prompt_len}")
+    return pad + prompt_len - 2
+
+
+def video_summary(hidden: torch.Tensor, ids: torch.Tensor, video_id: int, groups: int) -> torch.Tensor:
+    """hidden [L, H] over prompt ids [L] -> [groups, H] float32: the mean of the hidden states at the video
+    token positions over `groups` equal contiguous runs of them (one per frame: the target lays its video
+    tokens out frame by frame). Padding never holds the video id, so left padding needs no offset."""
+    positions = (ids == video_id).nonzero().flatten()
+    if len(positions) < groups:
+        raise ValueError(f"{len(positions)} video positions in the prompt, a summary of {groups} needs more")
+    return torch.stack([hidden[p].float().mean(0) for p in positions.to(hidden.device).tensor_split(groups)])
