@@ -67,7 +67,8 @@ class ChainRuns:
     """Greedy chains at every position of a batch:
     run [B, T]: run[b, p], how many of the greedy tokens the drafter proposes from the prefix r[:p] of
                 row b equal r[p], r[p+1], ... (counted up to `depth` at least);
-    cap [B, T]: how many tokens it proposes there at most (0: none; EAGLE-3 has no token to embed at p = 0);
+    cap [B, T]: how many tokens it proposes there at most (0: none; EAGLE-3 without the prompt context has no
+                token to embed at p = 0);
     length [B]: each row's response length in the batch.
     A position beyond T is one the drafter proposes nothing at (a TokenAdapter past its max_len)."""
 

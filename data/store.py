@@ -22,6 +22,10 @@ reader verifies each shard once per process on its first read (one pass over its
 also finds non-finite values) and names the shard and row of what it finds. Stores written before
 checksums load with a log line and the finiteness check only.
 
+Prompt context (format 2; data/features.py, docs/design.md §4): per row, the prompt row, the last prompt
+token and the pooled video rows, in tensors laid row after row (`context_row` is the row's place), and the
+manifest's "context" says which features and how many video rows. Version 1 stores load without it.
+
 Hidden-state tensor names inside a shard: `{model}.h{idx}` for the input of decoder layer
 `idx` (transformers' hidden_states[idx]) and `{model}.final` for the final norm output,
 with `model` in {"target", "draft"}. Each tensor is [rows_in_shard_tokens, H]; a row's

@@ -19,11 +19,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 from specalign.data.dsec import load_dataset
+from specalign.data.features import is_context
 from specalign.data.samples import Request, requests_of
 from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
 from specalign.train.extract import ExtractionModule, extract
 from specalign.train.extract import main as extract_main
+from specalign.vlms.alignment import prompt_row_position, video_summary
 from specalign.vlms.registry import build_backends
 
 from specalign.errors import StoreMismatch, SystematicFailure
@@ -99,8 +101,35 @@ def test_draft_rows_line_up_one_to_one_with_target_rows(reference):
         n_rows = sum(len(r.target_tokens) for r in store.rows if r.shard == shard)
         with safe_open(str(store.root / "shards" / f"{shard}.safetensors"), framework="pt") as f:
             shapes = {name: f.get_slice(name).get_shape()[0] for name in f.keys()}  # noqa: SIM118
+        context = {name: shapes.pop(name) for name in list(shapes) if is_context(name)}
         assert set(shapes) == set(store.feature_names("target") + store.feature_names("draft"))
         assert set(shapes.values()) == {n_rows}, (shard, shapes)
+        n_requests = sum(r.shard == shard for r in store.rows)                # the prompt context: per request
+        assert {k: v // n_requests for k, v in context.items()} == {
+            "prompt.token": 1, **{f"prompt.{n}": 1 for n in store.context_spec["features"]},
+            **{f"video.{n}": store.context_spec["video_rows"] for n in store.context_spec["features"]}}
+
+
+def test_prompt_context_equals_a_fresh_prefill(reference):
+    """The stored prompt context of a request recomputed alone: the prompt row and last token, the video
+    summary pooled per frame (vlms/alignment.py) from one prefill of the target."""
+    store, _ = reference
+    assert store.manifest["format_version"] == 2
+    models = config(store.manifest["data"]["root"], store.root).models
+    target, _ = build_backends(models, "cpu")
+    spec = store.context_spec
+    for row in (store.rows[0], store.rows[-1]):
+        batch = target.prepare([request_of(store, row)])
+        ids = batch.inputs["input_ids"][0]
+        with torch.no_grad():
+            hidden = target.model(**batch.inputs, output_hidden_states=True).hidden_states
+        assert store.context(row, "prompt.token").tolist() == [int(ids[-1])]
+        for name in spec["features"]:
+            h = hidden[int(name.split(".h")[1])][0]
+            video = video_summary(h, ids, spec["video_token_id"], spec["video_rows"])
+            for kind, fresh in (("prompt", h[prompt_row_position(len(ids))][None]), ("video", video)):
+                stored = store.context(row, f"{kind}.{name}").float()
+                torch.testing.assert_close(stored, fresh.bfloat16().float(), rtol=2e-2, atol=2e-2)
 
 
 def test_stored_rows_equal_a_fresh_teacher_forced_pass(reference):
@@ -137,6 +166,7 @@ def test_run_reads_each_prompt_once_and_keeps_the_teacher_forced_rows(dataset, m
     rows, feats = ExtractionModule(target, draft, 24).run(requests)
     assert [r["target_tokens"] for r in rows] == responses["target"]
     assert [r["draft_tokens"] for r in rows] == responses["draft"]
+    feats = {k: v for k, v in feats.items() if not is_context(k)}             # the prompt context: its own test
     assert feats.keys() == expected.keys()
     for name, rows_ in expected.items():
         torch.testing.assert_close(feats[name].float(), rows_.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-4)
@@ -249,7 +279,9 @@ def test_rows_with_non_finite_features_are_skipped_and_recorded(dataset):
     assert key == requests[1].key and path is None
     assert reason == "non-finite features: target.h4 holds NaN or inf at token 1"
     n = sum(len(r["target_tokens"]) for r in out["rows"])
-    assert all(t.shape[0] == n and torch.isfinite(t.float()).all() for t in out["tensors"].values())
+    tensors = {k: t for k, t in out["tensors"].items() if not is_context(k)}
+    assert all(t.shape[0] == n and torch.isfinite(t.float()).all() for t in tensors.values())
+    assert out["tensors"]["prompt.token"].shape == (2,)                    # the prompt context: 2 requests kept
 
 
 def test_fail_fast_after_counts_failures_before_the_first_success(dataset, tmp_path):

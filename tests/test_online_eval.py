@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from specalign.adapters.eagle3 import context_inputs
 from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
 from specalign.specdec.evaluate import evaluate_offline
@@ -128,6 +129,24 @@ def test_online_eagle3_features_are_the_stored_rows(online, world):
         got = torch.cat(rows).float()[: len(row.target_tokens)]
         assert len(got) == len(row.target_tokens) if name.startswith("target.") else len(got) > 1, name
         torch.testing.assert_close(got, store.hidden(row, name)[: len(got)].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_online_eagle3_reads_the_stored_prompt_context_and_its_first_round_proposes(online, world):
+    """EAGLE-3 with the prompt context (the default): online, the prompt row, last prompt token and video rows
+    taken from the target's prefill are the store's, and every request's first round proposes gamma tokens."""
+    _, runs = online["eagle3"]
+    store = FeatureStore(world["store"])
+    for name in ("drafter", "no_draft"):
+        drafter, row = runs.entries[name].drafter, runs.prepared[-1].row
+        c = drafter.model.config
+        assert c.prompt_context and c.video_rows == store.context_spec["video_rows"]
+        item = context_inputs(store, row, c.feature_names, c.context_features)
+        got = drafter.inputs.prompt
+        assert got.token == int(item["prompt_token"])
+        torch.testing.assert_close(got.prompt.float(), item["prompt"].float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.video.float(), item["video"].float(), atol=2e-2, rtol=2e-2)
+        for g in GAMMAS:
+            assert all(len(r.log[0].proposal) == g for r in runs.entries[name].runs[g]), (name, g)
 
 
 def test_target_as_its_own_drafter_is_always_accepted(world):

@@ -9,6 +9,7 @@ import torch
 from conftest_train import FAST, TINY_EAGLE3, TINY_TOKEN_ADAPTER, make_store, train_config
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
+from specalign.adapters.eagle3 import PromptRows
 from specalign.adapters.export_format import load_drafter
 from specalign.train.export import drafter_from_checkpoint, export_run, load_checkpoint
 from specalign.train.train import main as train_main
@@ -127,10 +128,15 @@ def test_export_round_trip_gives_the_same_logits(token_run, eagle3_run, tmp_path
     for fmt in ("native", "speculators"):
         loaded = load_drafter(export_run(eagle3_run, tmp_path / fmt, fmt))
         feats, tokens = torch.randn(1, 6, 96, generator=g), torch.randint(0, 24, (1, 6), generator=g)
-        for a, b in zip(loaded.ttt(feats, tokens), trained.ttt(feats, tokens)):
+        context = {"prompt": torch.randn(1, 96, generator=g), "prompt_token": torch.tensor([7]),
+                   "video": torch.randn(1, loaded.config.video_rows, 96, generator=g)}
+        assert loaded.config.prompt_context and loaded.config.to_dict() == trained.config.to_dict()
+        for a, b in zip(loaded.ttt(feats, tokens, context=context), trained.ttt(feats, tokens, context=context)):
             assert torch.equal(a, b)
         prefix = tokens[0, :4].tolist()
-        assert loaded.propose(feats[0], prefix, 3) == trained.propose(feats[0], prefix, 3)
+        rows = PromptRows(feats[0], context["prompt"][0], 7, context["video"][0])
+        assert loaded.propose(rows, prefix, 3) == trained.propose(rows, prefix, 3)
+        assert len(loaded.propose(rows, [], 3)[0]) == 3                       # the first round proposes
         assert torch.equal(loaded.d2t, trained.d2t) and torch.equal(loaded.t2d, trained.t2d)
 
 
@@ -145,7 +151,8 @@ def test_speculators_layout(eagle3_run, tmp_path):
     assert spec["proposal_methods"][0]["proposal_type"] == "greedy" and spec["verifier"]["name_or_path"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "layers.0.hidden_norm.weight",
+    assert config["specalign_prompt_context"]["enabled"] and config["specalign_prompt_context"]["video_rows"] == 2
+    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "layers.0.hidden_norm.weight", "context_embed",
             "layers.0.input_layernorm.weight", "layers.0.self_attn.q_proj.weight",
             "layers.0.mlp.down_proj.weight"} <= keys
 
