@@ -647,8 +647,6 @@ class Eagle3Type(DrafterType):
     def static_proposer(self, model, cuda_graphs, compile):
         from specalign.specdec.fast_drafters import Eagle3Proposer
 
-        if model.config.prompt_context:   # the static-shape rounds know no prompt context yet: eager `propose`
-            return None
         return Eagle3Proposer(model, cuda_graphs, compile)
 
     def vocab_info(self, model):

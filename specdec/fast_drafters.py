@@ -14,7 +14,8 @@ drafter (specdec/online_drafters.py) calls `begin(context)` once per sequence an
 gamma)` each greedy round, with the context its inputs give (`OnlineInputs.context`).
 TokenAdapter: the draft segment depends only on EventGPT's response, so it is encoded once per request
 (`begin`) into fixed buffers instead of once per round.
-EAGLE-3: step 0 re-runs over all accepted feature rows each round, as `Eagle3Drafter.propose` does.
+EAGLE-3: step 0 re-runs over all accepted feature rows each round, as `Eagle3Drafter.propose` does (with the
+prompt context, after the prompt row; the video rows' keys are computed once per request, in `begin`).
 Sampling mode (speculative sampling) keeps the eager path: `sampled` gives the eager drafter.
 With `compile` (CUDA) a round is fused by torch.compile before its capture (5 to 20 s of compilation per
 gamma; about 2x faster rounds: the drafters are small, so their kernels are short and many).
@@ -148,15 +149,34 @@ def _memory_tensors(memory, has) -> list[Tensor]:
 
 
 class Eagle3Proposer(_Proposer):
-    """Greedy `Eagle3Drafter.propose` on buffers: the fused feature rows and tokens of the accepted prefix (bucket P)."""
+    """Greedy `Eagle3Drafter.propose` on buffers: the fused feature rows and tokens of the accepted prefix (bucket P).
+    With the prompt context (a `PromptRows` context) the prompt row and last prompt token come first and the video
+    rows' keys/values, computed once per request (`begin`), sit in fixed buffers every query attends to."""
 
     def __init__(self, model, cuda_graphs: bool = False, compile: bool = False):
         super().__init__(model.fc.weight.device, cuda_graphs, compile)
         self.model = model
         self.rows: dict[int, tuple[Tensor, Tensor]] = {}   # P -> (features [1, P, fc_in], ids [1, P])
+        self.memory: list[Tensor] = []                     # the video rows' (k, v) [1, n_kv, K, hd], per request
 
     @torch.inference_mode()
-    def propose(self, features: Tensor, tokens: Sequence[int], gamma: int) -> list[int]:
+    def begin(self, context) -> None:
+        if self.model.config.prompt_context:
+            video = self.model.prompt_rows(context)["video"].to(self.device)
+            kv = self.model.memory(video)
+            if not self.memory:
+                self.memory = [torch.empty_like(t) for t in kv]
+            for buf, t in zip(self.memory, kv):
+                buf.copy_(t)
+
+    @torch.inference_mode()
+    def propose(self, features, tokens: Sequence[int], gamma: int) -> list[int]:
+        context = self.model.prompt_rows(features)
+        if context is not None:                            # the sequence starts with the prompt row and its token
+            rows = torch.cat([context["prompt"].to(features.rows.dtype), features.rows[: len(tokens)]])
+            tokens = [int(context["prompt_token"][0]), *tokens]
+        else:
+            rows = features
         p = len(tokens)
         if p == 0 or gamma <= 0:
             return []
@@ -166,7 +186,7 @@ class Eagle3Proposer(_Proposer):
             self.rows[size] = (torch.zeros(1, size, fc.shape[1], dtype=fc.dtype, device=self.device),
                                torch.zeros(1, size, dtype=torch.long, device=self.device))
         feats, ids = self.rows[size]
-        feats[0, :p].copy_(features[:p])
+        feats[0, :p].copy_(rows[:p])
         ids[0, :p].copy_(torch.tensor(list(tokens), dtype=torch.long))
         self.p.fill_(p)
         return self._run((size,), gamma)
@@ -174,21 +194,23 @@ class Eagle3Proposer(_Proposer):
     def _round(self, key: tuple, gamma: int) -> Callable[[], Tensor]:
         model, (size,) = self.model, key
         feats, ids = self.rows[size]
-        p = self.p
+        p, memory = self.p, self.memory
+        K = memory[0].shape[2] if memory else 0                                  # video rows: positions 0..K-1
 
         def run() -> Tensor:
             rows = torch.arange(size, device=ids.device)
             keys = rows < p                                                       # real rows 0 .. p-1
-            causal = (rows[None, :] <= rows[:, None]) & keys                      # [P, P]
-            past: list = []
-            hidden, logits = model.step(ids, model.fc(feats), rows[None], past, causal)
+            seen = keys.new_ones(K)
+            causal = torch.cat([seen.expand(size, K), (rows[None, :] <= rows[:, None]) & keys], 1)  # [P, K + P]
+            past: list = [tuple(memory)] if memory else []
+            hidden, logits = model.step(ids, model.fc(feats), K + rows[None], past, causal)
             last = p - 1                                                          # chain p - 1
             hidden, logits = hidden.index_select(1, last), logits.index_select(1, last)
             tok = model.to_target(logits.argmax(-1))                              # [1, 1]: r_p
             out = [tok]
             for k in range(1, gamma):                  # its own hidden state and token, at position p - 1 + k
                 keys = torch.cat([keys, keys.new_ones(1)])
-                hidden, logits = model.step(tok, hidden, (last + k)[None], past, keys[None])
+                hidden, logits = model.step(tok, hidden, (K + last + k)[None], past, torch.cat([seen, keys])[None])
                 tok = model.to_target(logits.argmax(-1))
                 out.append(tok)
             return torch.cat(out, 1)[0]                                           # [gamma]

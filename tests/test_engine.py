@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, FeatureInputs
+from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, FeatureInputs, PromptRows
 from specalign.adapters.token_adapter import DraftResponse, TokenAdapter, TokenAdapterConfig
 from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.fast_drafters import Eagle3Proposer, TokenAdapterProposer
@@ -148,6 +148,27 @@ def test_fast_proposals_are_the_eager_proposals():
         tokens = torch.randint(0, VOCAB, (p,), generator=g).tolist()
         assert proposer.propose(feats, tokens, gamma) == model.propose(feats, tokens, gamma)[0], p
     assert proposer.propose(torch.zeros(0, 96), [], 3) == []
+
+
+def test_static_eagle3_proposer_with_the_prompt_context_proposes_what_propose_does():
+    """The prompt row first and the video rows' keys in fixed buffers (set per request by `begin`): the same
+    tokens as the eager `propose`, from the first round (p = 0) on, across buckets and requests."""
+    g = torch.Generator().manual_seed(3)
+    names = ["target.h0", "target.h1", "target.h1"]
+    torch.manual_seed(0)
+    model = Eagle3Drafter(Eagle3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=VOCAB, draft_vocab_size=48,
+                                       feature_names=names, fc_in_features=96, prompt_context=True,
+                                       context_features=names, video_rows=3)).eval()
+    proposer = Eagle3Proposer(model)
+    for request in range(2):
+        rows = PromptRows(torch.randn(70, 96, generator=g), torch.randn(96, generator=g), request + 5,
+                          torch.randn(3, 96, generator=g))
+        proposer.begin(rows._replace(rows=rows.rows[:0]))
+        for p, gamma in ((0, 3), (1, 3), (9, 5), (63, 2), (64, 4)):
+            tokens = torch.randint(0, VOCAB, (p,), generator=g).tolist()
+            expected = model.propose(rows, tokens, gamma)[0]
+            assert len(expected) == gamma and proposer.propose(rows, tokens, gamma) == expected, (request, p)
 
 
 # ----------------------------------------------------------------------------- replayed acceptance
