@@ -72,6 +72,14 @@ class ExtractionModule(L.LightningModule):
         self.events = events or EventCheck()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no batch left
 
+    def use_fast_decode(self, cuda_graphs: bool | str = "auto", compile: bool | str = "auto") -> None:
+        """Both models decode through `vlms.batch_decode.BatchDecoder` (static KV cache only; the same tokens
+        and rows). "auto": on when the model is on a CUDA device (graphs, fused ops are CUDA-only)."""
+        for backend in (self.target, self.draft):
+            on_cuda = backend.device.type == "cuda"
+            backend.use_batch_decoder(on_cuda if cuda_graphs == "auto" else bool(cuda_graphs),
+                                      on_cuda if compile == "auto" else bool(compile))
+
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """One batch: the target's greedy responses with its feature rows captured while it decodes (no
@@ -284,6 +292,8 @@ def extract(cfg: DictConfig) -> Path | None:
         mine = pending_for_rank(requests, done, rank, world, cfg.batch_size)
         loader = DataLoader(RequestList(mine), batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
         module = ExtractionModule(target, draft, cfg.max_new_tokens, cfg.ignore_eos, EventCheck.of(cfg.data))
+        if cfg.decode.fast:
+            module.use_fast_decode(cfg.decode.cuda_graphs, cfg.decode.compile)
         trainer.predict(module, loader, return_predictions=False)
         trainer.strategy.barrier()  # every rank has written its shards
     if not any(writer.shard_dir.glob("*.safetensors")):
