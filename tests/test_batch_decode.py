@@ -64,10 +64,17 @@ def test_fast_decode_equals_plain_decode(module, requests, ignore_eos):
         assert {len(r["target_tokens"]) for r in rows} == {12}
 
 
-def test_decoder_needs_a_static_cache_and_cuda_for_graphs():
+def test_decoder_needs_a_static_cache_and_cuda_for_graphs(module):
+    """auto: graphs and fused ops only on CUDA; other caches keep the plain loop; graphs asked for on the
+    CPU are refused in one line naming the key."""
+    try:
+        module.use_fast_decode()
+        assert not module.target.batch_decoder.cuda_graphs and not module.draft.batch_decoder.cuda_graphs
+        with pytest.raises(SpecalignError, match="decode.cuda_graphs=true needs a CUDA device"):
+            module.use_fast_decode(cuda_graphs=True)
+    finally:
+        module.target.batch_decoder = module.draft.batch_decoder = None
     target, _, tokenizer = tiny_pair(seed=0)
     dynamic = VideoLlavaBackend(target, tokenizer, kv_cache="dynamic")
     dynamic.use_batch_decoder()
-    assert dynamic.batch_decoder is None                       # the plain loop serves other caches
-    with pytest.raises(SpecalignError, match="decode.cuda_graphs=true needs a CUDA device"):
-        VideoLlavaBackend(target, tokenizer).use_batch_decoder(cuda_graphs=True)
+    assert dynamic.batch_decoder is None
