@@ -1,6 +1,6 @@
 """Extraction throughput: the batched path against a per-sample loop, measured in one run.
 
-    python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
+    python bench/extract.py --models tiny --device cpu                                  # tiny pair, 1-2 min
     python bench/extract.py --models real --device cuda --quant bf16 --batch 16,32,48 --samples 96
     python bench/extract.py --models real --device cuda --batch 48 --samples 48 --paths generate,batched,fast
     python bench/extract.py --models real --device cuda --quant nf4 --batch 16 --quantize-towers --quantize-heads

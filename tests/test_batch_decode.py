@@ -72,6 +72,8 @@ def test_decoder_needs_a_static_cache_and_cuda_for_graphs(module):
         assert not module.target.batch_decoder.cuda_graphs and not module.draft.batch_decoder.cuda_graphs
         with pytest.raises(SpecalignError, match="decode.cuda_graphs=true needs a CUDA device"):
             module.use_fast_decode(cuda_graphs=True)
+        with pytest.raises(SpecalignError, match="decode.compile='yes': expected auto, true or false"):
+            module.use_fast_decode(compile="yes")
     finally:
         module.target.batch_decoder = module.draft.batch_decoder = None
     target, _, tokenizer = tiny_pair(seed=0)
