@@ -46,22 +46,28 @@ def module() -> ExtractionModule:
 def test_fast_decode_equals_plain_decode(module, requests, ignore_eos):
     """Extraction's rows, tokens and features through the batched decoder equal the plain loop's exactly
     (with EOS honoured, the responses are cut and the steps stop early as on the plain path)."""
+    eos = module.target.eos_id, module.draft.eos_id
+    if not ignore_eos:  # the tiny pair's own EOS never comes in 12 tokens: stop at a token that does
+        module.ignore_eos = True
+        first = module.run(requests[:1])[0][0]
+        module.target.eos_id, module.draft.eos_id = first["target_tokens"][4], first["draft_tokens"][4]
     module.ignore_eos = ignore_eos
-    rows, feats = module.run(requests)
-    for backend in (module.target, module.draft):
-        backend.use_batch_decoder()
-        assert backend.batch_decoder is not None
     try:
+        rows, feats = module.run(requests)
+        for backend in (module.target, module.draft):
+            backend.use_batch_decoder()
+            assert backend.batch_decoder is not None
         fast_rows, fast_feats = module.run(requests)
     finally:
         module.target.batch_decoder = module.draft.batch_decoder = None
+        module.target.eos_id, module.draft.eos_id = eos
     assert [(r["target_tokens"], r["draft_tokens"]) for r in rows] == \
         [(r["target_tokens"], r["draft_tokens"]) for r in fast_rows]
     assert list(feats) == list(fast_feats)
     for name in feats:
         assert torch.equal(feats[name], fast_feats[name]), name
-    if ignore_eos:
-        assert {len(r["target_tokens"]) for r in rows} == {12}
+    lengths = [len(r["target_tokens"]) for r in rows] + [len(r["draft_tokens"]) for r in rows]
+    assert set(lengths) == {12} if ignore_eos else min(lengths) <= 5
 
 
 def test_decoder_needs_a_static_cache_and_cuda_for_graphs(module):
