@@ -279,6 +279,29 @@ class Eagle3Drafter(nn.Module):
         """Trainable parameters (the frozen target embeddings excluded)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    @torch.no_grad()
+    def tree_logprobs(self, features: Tensor, tokens: Sequence[int], paths: list[list[int]]) -> Tensor:
+        """The draft tree's hook (specdec/tree.py): log-probabilities [P, V_target] of the token after the
+        prefix + each path (paths of one length d). Step 0 runs once over the accepted rows as in `propose`;
+        then the P branches unroll side by side, d steps, each on its own hidden states and tokens (batch P),
+        attending the shared prefix keys and its own earlier steps. -inf outside the draft vocabulary, and
+        everywhere at p = 0 (no accepted token to embed)."""
+        p, P, dev = len(tokens), len(paths), self.fc.weight.device
+        if p == 0:
+            return torch.full((P, self.config.vocab_size), float("-inf"), device=dev)
+        feats = features[:p].to(dev, self.fc.weight.dtype)[None]                     # [1, p, fc_in]
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[None]
+        causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+        past: list = []
+        hidden, logits = self.step(ids, self.fc(feats), torch.arange(p, device=dev)[None], past, causal)
+        hidden, logits = hidden[:, -1:].expand(P, 1, -1), logits[:, -1:].expand(P, 1, -1)   # chain p-1
+        past[0] = tuple(t.expand(P, -1, -1, -1) for t in past[0])
+        branch = torch.tensor(paths, dtype=torch.long, device=dev).view(P, len(paths[0]))   # [P, d]
+        for k in range(1, branch.shape[1] + 1):
+            hidden, logits = self.step(branch[:, k - 1: k], hidden, torch.tensor([[p - 1 + k]], device=dev), past,
+                                       None)
+        return self.target_logits(logits[:, -1].float()).log_softmax(-1)                 # [P, V_target]
+
 
 # ---------------------------------------------------------------------------------------------- training
 
@@ -519,3 +542,7 @@ class Eagle3Type(DrafterType):
             feature_names=[feature_name("target", i) for i in ids], fc_in_features=state["fc.weight"].shape[1],
             aux_layer_ids=ids, norm_before_residual=config["norm_before_residual"],
             ttt_steps=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]))
+
+    def row_context(self, model, store, row, **options):
+        """The fused feature rows of the response (`fuse_features`), as `propose` reads them."""
+        return fuse_features(lambda n: store.hidden(row, n), model.config.feature_names)

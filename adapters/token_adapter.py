@@ -271,6 +271,23 @@ class TokenAdapter(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def tree_logprobs(self, draft_tokens: Sequence[int] | None, prefix: Sequence[int],
+                      paths: list[list[int]]) -> Tensor:
+        """The draft tree's hook (specdec/tree.py): log-probabilities [P, V] of the token after prefix + each
+        path (paths of one length), in one teacher-forced pass over the P branches; -inf rows where the
+        branch reaches max_len (`propose` proposes nothing there)."""
+        c, dev = self.config, self.head.weight.device
+        depth = len(paths[0])
+        if len(prefix) + depth >= c.max_len:
+            return torch.full((len(paths), c.vocab_size), float("-inf"), device=dev)
+        draft = list(draft_tokens or [])[: c.max_len]
+        drafts = torch.tensor([draft] * len(paths), dtype=torch.long, device=dev).view(len(paths), len(draft))
+        memory, has = self._memory(drafts, torch.full((len(paths),), len(draft), device=dev), None)
+        ids = torch.tensor([[c.sep_id, *prefix, *path] for path in paths], dtype=torch.long, device=dev)  # [P, T]
+        h, _ = self._decode(ids, 0, memory, has)
+        return self._logprobs(h[:, -1:], memory, has)[:, -1]                                          # [P, V]
+
 
 def _init(m: nn.Module) -> None:
     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -340,3 +357,7 @@ class TokenAdapterType(DrafterType):
 
     def vocab_info(self, model):
         return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}
+
+    def row_context(self, model, store, row, keep_draft: bool = True):
+        """EventGPT's response as `propose` reads it (none without the draft)."""
+        return list(row.draft_tokens[: model.config.max_len]) if keep_draft else []

@@ -6,6 +6,7 @@ Structure of report.json:
      "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
      "rounds_trace": {name: {"<gamma>": [[accepted draft tokens of each round] per request]}},
+     "tree": {budget, topk, width: {"<name>+tree": {"<gamma>": mean nodes per round}}},   # tree.budget > 0
      # online mode (specdec/online_eval.py):
      "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
                "draft": {prefill_s, decode_s, tokens_per_s},
@@ -70,6 +71,8 @@ def markdown_table(report: dict) -> str:
                 s = per_name[name]
                 cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("tree"):
+        lines += tree_lines(report["tree"])
     if report.get("sampling"):
         lines += ["", "Expected acceptance under speculative sampling (mean Σ min(p, q) per position):", "",
                   "| drafter | temperature | expected α |", "|---|---|---|"]
@@ -86,6 +89,18 @@ def markdown_table(report: dict) -> str:
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def tree_lines(tree: dict) -> list[str]:
+    """Draft trees beside their chains: the verification width (nodes per round) each pays."""
+    gammas = sorted({g for w in tree["width"].values() for g in w}, key=int)
+    lines = ["", (f"Draft trees (`<drafter>+tree`): EAGLE-2 dynamic trees of depth γ, at most {tree['budget']} nodes, "
+                  f"top-{tree['topk']} children of the best nodes per depth. Width = draft tokens the target verifies "
+                  "per round (a chain verifies γ):"), "",
+             "| drafter | " + " | ".join(f"width (γ={g})" for g in gammas) + " |", "|" + "---|" * (len(gammas) + 1)]
+    for name, per_gamma in tree["width"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per_gamma[g]:.1f}" for g in gammas) + " |")
+    return lines
 
 
 def _num(v: float | None, spec: str = ".3g") -> str:
