@@ -282,8 +282,14 @@ class TokenAdapter(nn.Module):
         if len(prefix) + depth >= c.max_len:
             return torch.full((len(paths), c.vocab_size), float("-inf"), device=dev)
         draft = list(draft_tokens or [])[: c.max_len]
-        drafts = torch.tensor([draft] * len(paths), dtype=torch.long, device=dev).view(len(paths), len(draft))
-        memory, has = self._memory(drafts, torch.full((len(paths),), len(draft), device=dev), None)
+        memory, has = self._memory(torch.tensor([draft], dtype=torch.long, device=dev).view(1, len(draft)),
+                                   torch.tensor([len(draft)], device=dev), None)
+        if memory is not None:      # one encoding of the draft, read by every branch
+            P = len(paths)
+            memory = DraftMemory([(k.expand(P, -1, -1, -1), v.expand(P, -1, -1, -1)) for k, v in memory.kv],
+                                 memory.hidden.expand(P, -1, -1), memory.mask.expand(P, -1),
+                                 memory.tokens.expand(P, -1))
+            has = has.expand(P)
         ids = torch.tensor([[c.sep_id, *prefix, *path] for path in paths], dtype=torch.long, device=dev)  # [P, T]
         h, _ = self._decode(ids, 0, memory, has)
         return self._logprobs(h[:, -1:], memory, has)[:, -1]                                          # [P, V]

@@ -19,7 +19,7 @@ from specalign.data.store import FeatureStore
 from specalign.specdec import offline
 from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import RAW_DRAFT, write_report
-from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_spec
+from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_notes, tree_spec
 
 from specalign.errors import SpecalignError
 from specalign.identity import check_drafter_store
@@ -77,7 +77,7 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
               "drafter": drafter, "no_draft": no_draft, "results": results,
-              "notes": [n for d in drafters for n in d.notes],
+              "notes": [n for d in drafters for n in d.notes] + tree_notes(tree, temperature),
               "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
     if tree_report:
         report["tree"] = tree_report
@@ -116,7 +116,7 @@ def tree_tables(drafters: list, store: FeatureStore, rows: list, gammas: list[in
 @hydra_stage("evaluate")
 def main(cfg: DictConfig) -> dict:
     gammas = gammas_of(cfg.gamma)
-    tree = tree_spec(cfg.get("tree"), gammas, cfg.get("temperature"))
+    tree = tree_spec(cfg.get("tree"), gammas)
     claim_output(cfg.out, "evaluate", evaluate_identity(cfg))
     if cfg.mode == "offline":
         report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature,

@@ -68,7 +68,7 @@ from specalign.specdec.online import (
 from specalign.specdec.online_drafters import OnlineDrafter
 from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
-from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_spec
+from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_notes, tree_spec
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
@@ -358,7 +358,7 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
     requests = requests_of_rows(rows, load_samples(cfg, store))
-    tree = tree_spec(cfg.get("tree"), gammas, cfg.get("temperature"))
+    tree = tree_spec(cfg.get("tree"), gammas)
     if tree.on:
         check_tree_engine((cfg.get("engine") or {}).get("kind", "static"))
     target, draft = build_backends(cfg.models, cfg.device)
@@ -382,7 +382,8 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"],
                                                               sampling, generator))
         log.info("online %d/%d: %s", i + 1, len(rows), row.key)
-    return OnlineRuns(store, entries, prepared, notes, sampling, seed, sampled)
+    return OnlineRuns(store, entries, prepared, notes + tree_notes(tree, cfg.get("temperature")), sampling, seed,
+                      sampled)
 
 
 def evaluate_online(cfg: DictConfig, gammas: list[int]) -> dict:

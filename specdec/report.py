@@ -31,6 +31,7 @@ RAW_DRAFT = "raw_draft"       # the draft model's own free-running greedy tokens
 DRAFT_MODEL = "draft_model"   # the draft model as an ordinary draft model
 BASELINES = (RAW_DRAFT, DRAFT_MODEL)
 STORED = "stored:"            # prefix of the token lists stored with the pairs (e.g. an earlier adapter's)
+TREE_SUFFIX = "+tree"         # a drafter's draft-tree row beside its chain row (specdec/tree.py)
 
 
 def is_baseline(name: str) -> bool:
@@ -39,7 +40,9 @@ def is_baseline(name: str) -> bool:
 
 def entry_label(report: str, name: str) -> str:
     """The name of a report's entry across reports: a baseline by its own name, the report's drafter by the
-    report's, its other drafters as "<report> (<name>)" (e.g. "token_adapter (no_draft)")."""
+    report's (its tree "<report>+tree"), its other drafters as "<report> (<name>)" (e.g. "token_adapter (no_draft)")."""
+    if name == "drafter" + TREE_SUFFIX:
+        return report + TREE_SUFFIX
     return name if is_baseline(name) else report if name == "drafter" else f"{report} ({name})"
 
 

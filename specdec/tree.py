@@ -19,7 +19,8 @@ greedy tokens: from the root, step to the child holding the target's token after
 there is one; the target's token after the last accepted node is the bonus.
 
 `tree.budget = 0` means chains (today's rounds, no tree code at all); a tree needs a node per depth
-(budget >= gamma), top-k >= 1, greedy decoding, and a drafter with a distribution.
+(budget >= gamma), top-k >= 1 and a drafter with a distribution. Trees are greedy: with a temperature,
+speculative sampling runs the chains only (`tree_notes` says so in the report).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from specalign.specdec.report import TREE_SUFFIX
 from torch import Tensor
 
 from specalign.errors import SpecalignError
@@ -35,7 +37,6 @@ from specalign.errors import SpecalignError
 # paths (token lists of equal length) -> log-probabilities [len(paths), V] of the token after prefix + path
 TreeLogprobs = Callable[[list[list[int]]], Tensor]
 
-TREE_SUFFIX = "+tree"   # a report's tree rows: "<drafter>+tree" beside the chain row "<drafter>"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class TreeSpec:
         return self.budget > 0
 
 
-def tree_spec(cfg, gammas: Sequence[int], temperature: float | None = None) -> TreeSpec:
+def tree_spec(cfg, gammas: Sequence[int]) -> TreeSpec:
     """The `tree` config ({budget, topk}; None: chains) checked against the depths (gammas) it drafts."""
     if not cfg:
         return TreeSpec()
@@ -62,10 +63,20 @@ def tree_spec(cfg, gammas: Sequence[int], temperature: float | None = None) -> T
     if spec.budget < max(gammas):
         raise SpecalignError(f"tree.budget={spec.budget} is below the depth gamma={max(gammas)}: a tree of depth "
                              f"gamma needs at least gamma nodes; raise tree.budget or set it to 0 for chains")
-    if temperature:
-        raise SpecalignError(f"tree.budget={spec.budget} with temperature={temperature}: speculative sampling is "
-                             "chain-only; set tree.budget=0 or temperature=null")
     return spec
+
+
+def tree_notes(spec: TreeSpec, temperature: float | None = None) -> list[str]:
+    """What a report says about its tree rows; trees are greedy only (speculative sampling stays chain-only)."""
+    if not spec.on:
+        return []
+    notes = [(f"'<drafter>{TREE_SUFFIX}': the drafter's EAGLE-2 dynamic tree (tree.budget={spec.budget} nodes, "
+              f"tree.topk={spec.topk}, depth γ), verified in one target forward; greedy acceptance of the longest "
+              "root path.")]
+    if temperature:
+        notes.append(f"tree.budget={spec.budget} with temperature={temperature}: speculative sampling is chain-only, "
+                     "so the tree rows are greedy and only the chains sample.")
+    return notes
 
 
 def check_tree_drafter(model, name: str, spec: TreeSpec) -> None:

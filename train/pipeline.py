@@ -134,8 +134,11 @@ def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Pat
     from specalign.specdec.report import write_report
 
     claim_output(out, "evaluate", evaluate_identity({"store": store, "drafter": drafter, "no_draft": no_draft}))
-    report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
-                              str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
+    from specalign.specdec.tree import tree_spec
+
+    gammas = list(P.evaluate.gammas)
+    report = evaluate_offline(store, "test", gammas, str(drafter), str(no_draft) if no_draft else None,
+                              P.evaluate.get("temperature"), tree=tree_spec(P.evaluate.get("tree"), gammas))
     write_report(report, out)
     return report
 
@@ -167,20 +170,21 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
                 continue
             seen.add(key)
             s = per_gamma[str(gamma)]
+            width = report.get("tree", {}).get("width", {}).get(name, {}).get(str(gamma), gamma)
             rows.append({"drafter": key, "baseline": is_baseline(name), "tau": s["tau"], "alpha": s["alpha"],
-                         "rounds": s["rounds"], "samples": s["samples"]})
+                         "rounds": s["rounds"], "samples": s["samples"], "width": width})
     return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
 
 
 def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path], n_online: int) -> str:
     table = Table(title=f"acceptance on the test split, γ={gamma} (offline, exact)")
     online_col = f"online τ ({n_online} req.)"
-    for col in ("drafter", "τ", "α", "rounds", online_col):
+    for col in ("drafter", "τ", "α", "rounds", "width", online_col):
         table.add_column(col, justify="left" if col == "drafter" else "right")
-    md = [f"| drafter | τ (γ={gamma}) | α | rounds | {online_col} |", "|---|---|---|---|---|"]
+    md = [f"| drafter | τ (γ={gamma}) | α | rounds | width | {online_col} |", "|---|---|---|---|---|---|"]
     for r in rows:
         on = online.get(r["drafter"])
-        cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]),
+        cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]), f"{r['width']:.3g}",
                  "" if on is None else f"{on:.3f}"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
