@@ -68,11 +68,12 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
               for name, per_row in runs.items()}
     tree_report = tree_tables(drafters, store, rows, gammas, tree, tables, rounds) if tree.on else None
-    results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
+    results = {name: {str(g): a.summary() for g, a in t["all"].items()} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
     if len(durations) > 1:  # e.g. DSEC 1 s vs 500 ms clips, at the largest gamma
-        by_duration = {d: {name: t[d][gammas[-1]].summary() for name, t in tables.items()} for d in durations}
+        by_duration = {d: {name: t[d][gammas[-1]].summary() for name, t in tables.items() if gammas[-1] in t[d]}
+                       for d in durations}
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
@@ -102,7 +103,7 @@ def tree_tables(drafters: list, store: FeatureStore, rows: list, gammas: list[in
     width = {}
     for d in drafters:
         name, per_gamma = d.name + TREE_SUFFIX, {}
-        for g in gammas:
+        for g in tree.depths(gammas):
             per_gamma[g], nodes = offline.drafter_tree_rounds(d, store, rows, g, tree)
             width.setdefault(name, {})[str(g)] = sum(nodes) / max(len(nodes), 1)
         tables[name] = offline.round_tables(rows, per_gamma, group=lambda r: r.duration)

@@ -374,7 +374,7 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     for i, (row, request) in enumerate(zip(rows, requests)):
         prepared.append(prepare(target, draft, row, request, max_new, eos))
         for entry in entries.values():
-            for g in gammas:
+            for g in entry.tree.depths(gammas) if entry.tree else gammas:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
         for entry in sampled.values():
             for g in gammas:
@@ -396,7 +396,7 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
     target["verify_s"] = verify_costs(runs.entries, gammas)
     by = {"results": {}, "costs": {}, "speedup": {}, "same": {}}    # section -> name -> gamma -> value
     for name, e in runs.entries.items():
-        for g in gammas:
+        for g in sorted(e.runs):
             verify = tree_verify_s(e.runs[g]) if e.tree else target["verify_s"][str(g)]
             numbers = entry_numbers(e, e.runs[g], prepared, target, verify)
             for section, value in numbers.items():
@@ -411,14 +411,15 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
               "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
               "checks": checks, "notes": runs.notes + check_notes(checks),
-              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
+              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in sorted(e.runs)})
                                for name, e in runs.entries.items()}}
     trees = {name: e for name, e in runs.entries.items() if e.tree}
     if trees:
         t = next(iter(trees.values())).tree
         report["tree"] = {"budget": t.budget, "topk": t.topk, "width": {name: {str(g): mean(
-            [len(r.proposal) for run in e.runs[g] for r in run.log]) for g in gammas} for name, e in trees.items()},
-            "verify_s": {name: {str(g): tree_verify_s(e.runs[g]) for g in gammas} for name, e in trees.items()}}
+            [len(r.proposal) for run in runs_g for r in run.log]) for g, runs_g in e.runs.items()}
+            for name, e in trees.items()}, "verify_s": {name: {str(g): tree_verify_s(runs_g) for g, runs_g in
+                                                             e.runs.items()} for name, e in trees.items()}}
     if runs.sampling:
         report["sampling_online"] = sampling_report(cfg, gammas, runs)
         report["notes"].append(sampling_note(runs))

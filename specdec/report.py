@@ -53,15 +53,17 @@ def markdown_table(report: dict) -> str:
     lines += [head, "|" + "---|" * (2 * len(gammas) + 2)]
     for name, per_gamma in report["results"].items():
         cells = []
-        for g in gammas:
-            s = per_gamma[str(g)]
-            cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
-        samples = per_gamma[str(gammas[0])]["samples"]
+        for g in gammas:      # a tree row may cover some gammas only (tree.gammas)
+            s = per_gamma.get(str(g))
+            cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"] if s else ["–", "–"]
+        samples = next(iter(per_gamma.values()))["samples"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {samples} |")
     g0 = gammas[-1]
     lines += ["", f"α_k at γ={g0} (accepted at position k / rounds that reached k):", "",
               "| drafter | " + " | ".join(f"k={k}" for k in range(g0)) + " |", "|" + "---|" * (g0 + 1)]
     for name, per_gamma in report["results"].items():
+        if str(g0) not in per_gamma:
+            continue
         at = per_gamma[str(g0)]["alpha_at"]
         lines.append(f"| {name} | " + " | ".join("–" if a is None else f"{a:.3f}" for a in at) + " |")
     if report.get("by_duration"):
@@ -71,8 +73,8 @@ def markdown_table(report: dict) -> str:
         for name in report["results"]:
             cells = []
             for per_name in report["by_duration"].values():
-                s = per_name[name]
-                cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
+                s = per_name.get(name)
+                cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"] if s else ["–", "–"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.get("tree"):
         lines += tree_lines(report["tree"])
@@ -102,7 +104,7 @@ def tree_lines(tree: dict) -> list[str]:
                   "per round (a chain verifies γ):"), "",
              "| drafter | " + " | ".join(f"width (γ={g})" for g in gammas) + " |", "|" + "---|" * (len(gammas) + 1)]
     for name, per_gamma in tree["width"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{per_gamma[g]:.1f}" for g in gammas) + " |")
+        lines.append(f"| {name} | " + " | ".join(_num(per_gamma.get(g), ".1f") for g in gammas) + " |")
     return lines
 
 
@@ -168,6 +170,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, per_gamma in report["results"].items():
+        if str(g0) not in per_gamma:
+            continue
         at = per_gamma[str(g0)]["alpha_at"]
         ks = [k for k, a in enumerate(at) if a is not None]
         ax.plot([k + 1 for k in ks], [at[k] for k in ks], marker="o", label=name)
@@ -179,7 +183,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for name, per_gamma in report["results"].items():
-            ax.plot(report["gammas"], [per_gamma[str(g)]["tau"] for g in report["gammas"]], marker="o", label=name)
+            gs = [g for g in report["gammas"] if str(g) in per_gamma]
+            ax.plot(gs, [per_gamma[str(g)]["tau"] for g in gs], marker="o", label=name)
         ax.set(xlabel="γ (draft tokens per round)", ylabel="τ (tokens per round)", title="mean accepted length")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -41,28 +41,38 @@ TreeLogprobs = Callable[[list[list[int]]], Tensor]
 
 @dataclass(frozen=True)
 class TreeSpec:
-    budget: int = 0     # nodes per round; 0: a chain
-    topk: int = 4       # children per expanded node, and nodes expanded per depth
+    budget: int = 0                 # nodes per round; 0: a chain
+    topk: int = 4                   # children per expanded node, and nodes expanded per depth
+    gammas: tuple[int, ...] = ()    # the depths trees are scored at (empty: every gamma of the report)
 
     @property
     def on(self) -> bool:
         return self.budget > 0
+
+    def depths(self, gammas: Sequence[int]) -> list[int]:
+        """The report's gammas that get tree rows."""
+        return [g for g in gammas if not self.gammas or g in self.gammas] if self.on else []
 
 
 def tree_spec(cfg, gammas: Sequence[int]) -> TreeSpec:
     """The `tree` config ({budget, topk}; None: chains) checked against the depths (gammas) it drafts."""
     if not cfg:
         return TreeSpec()
-    spec = TreeSpec(int(cfg.get("budget") or 0), int(cfg.get("topk") if cfg.get("topk") is not None else 4))
+    depths = cfg.get("gammas")
+    depths = () if depths is None else tuple(int(g) for g in (depths if hasattr(depths, "__iter__") else [depths]))
+    spec = TreeSpec(int(cfg.get("budget") or 0), int(cfg.get("topk") if cfg.get("topk") is not None else 4), depths)
     if spec.budget < 0:
         raise SpecalignError(f"tree.budget must be 0 (chains) or a node count, got {spec.budget}")
     if not spec.on:
         return spec
     if spec.topk < 1:
         raise SpecalignError(f"tree.topk={spec.topk}: a tree expands at least one child per node; set tree.topk >= 1")
-    if spec.budget < max(gammas):
-        raise SpecalignError(f"tree.budget={spec.budget} is below the depth gamma={max(gammas)}: a tree of depth "
-                             f"gamma needs at least gamma nodes; raise tree.budget or set it to 0 for chains")
+    if not spec.depths(gammas):
+        raise SpecalignError(f"tree.gammas={list(spec.gammas)} holds none of gamma={list(gammas)}: give depths "
+                             "among the gammas, or null for all of them")
+    if spec.budget < max(spec.depths(gammas)):
+        raise SpecalignError(f"tree.budget={spec.budget} is below the depth gamma={max(spec.depths(gammas))}: a tree "
+                             "of depth gamma needs at least gamma nodes; raise tree.budget or set it to 0 for chains")
     return spec
 
 

@@ -129,16 +129,19 @@ def export(run: Path, out: Path, fmt: str = "native") -> Path:
     return export_run(run, out, fmt)
 
 
-def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
+def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None,
+             trees: bool = False) -> dict:
+    """The offline report; `trees`: with draft trees at the largest gamma (`evaluate.tree`) beside the chains."""
     from specalign.specdec.evaluate import evaluate_identity, evaluate_offline
     from specalign.specdec.report import write_report
 
     claim_output(out, "evaluate", evaluate_identity({"store": store, "drafter": drafter, "no_draft": no_draft}))
     from specalign.specdec.tree import tree_spec
 
-    gammas = list(P.evaluate.gammas)
+    gammas, tree = list(P.evaluate.gammas), P.evaluate.get("tree") or {}
+    tree = tree_spec({**tree, "gammas": tree.get("gammas") or gammas[-1:]} if trees else None, gammas)
     report = evaluate_offline(store, "test", gammas, str(drafter), str(no_draft) if no_draft else None,
-                              P.evaluate.get("temperature"), tree=tree_spec(P.evaluate.get("tree"), gammas))
+                              P.evaluate.get("temperature"), tree=tree)
     write_report(report, out)
     return report
 
@@ -169,6 +172,8 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
+            if str(gamma) not in per_gamma:
+                continue
             s = per_gamma[str(gamma)]
             width = report.get("tree", {}).get("width", {}).get(name, {}).get(str(gamma), gamma)
             rows.append({"drafter": key, "baseline": is_baseline(name), "tau": s["tau"], "alpha": s["alpha"],
@@ -221,8 +226,9 @@ def pipeline(cfg: DictConfig) -> dict:
         export(runs[name], out / "drafters" / f"{name}_speculators", "speculators")
 
     step("evaluate offline on the test split")
+    tree_reports = (P.evaluate.get("tree") or {}).get("reports") or []
     reports = {label: evaluate(P, store, drafters[r.drafter], out / "reports" / label,
-                               drafters[r.no_draft] if r.get("no_draft") else None)
+                               drafters[r.no_draft] if r.get("no_draft") else None, label in tree_reports)
                for label, r in P.reports.items()}
 
     step("evaluate online (real speculative decoding with the tiny target)")
