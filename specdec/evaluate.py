@@ -118,6 +118,8 @@ def tree_tables(drafters: list, store: FeatureStore, rows: list, gammas: list[in
 def main(cfg: DictConfig) -> dict:
     gammas = gammas_of(cfg.gamma)
     tree = tree_spec(cfg.get("tree"), gammas)
+    if cfg.mode == "offline" and not cfg.drafter:     # refused before anything is written
+        check_tree_drafters([], tree)
     claim_output(cfg.out, "evaluate", evaluate_identity(cfg))
     if cfg.mode == "offline":
         report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature,

@@ -190,3 +190,4 @@ def test_chains_and_tree_needs():
 
     with pytest.raises(SpecalignError, match="engine.kind=dynamic"):
         check_tree_engine("static")
+
