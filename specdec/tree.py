@@ -38,7 +38,6 @@ from specalign.errors import SpecalignError
 TreeLogprobs = Callable[[list[list[int]]], Tensor]
 
 
-
 @dataclass(frozen=True)
 class TreeSpec:
     budget: int = 0                 # nodes per round; 0: a chain
@@ -55,7 +54,7 @@ class TreeSpec:
 
 
 def tree_spec(cfg, gammas: Sequence[int]) -> TreeSpec:
-    """The `tree` config ({budget, topk}; None: chains) checked against the depths (gammas) it drafts."""
+    """The `tree` config ({budget, topk, gammas}; None: chains) checked against the depths it drafts."""
     if not cfg:
         return TreeSpec()
     depths = cfg.get("gammas")
