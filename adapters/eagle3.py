@@ -365,10 +365,29 @@ class Eagle3Drafter(nn.Module):
         r_p, r_{p+1}, ... and q (None when greedy). With p = 0 there is no accepted token to embed:
         returns [] (the round then yields the target's own first token, as EAGLE's prefill does), unless
         `features` is a `PromptRows` (a drafter with prompt_context): its prompt row proposes r_0 on."""
+        prefix = self._prefix(features, tokens) if gamma > 0 else None
+        if prefix is None:
+            return [], None
+        hidden, logits, past, start = prefix
+        dev = self.fc.weight.device
+        out, qs = [], []
+        for k in range(1, gamma + 1):
+            tok, q = pick(self.target_logits(logits[0, -1].float()))
+            out.append(tok)
+            qs.append(q)
+            if k < gamma:
+                hidden, logits = self.step(torch.tensor([[tok]], device=dev), hidden,
+                                           torch.tensor([[start + k]], device=dev), past, None)
+        return out, stacked(qs)
+
+    def _prefix(self, features, tokens: Sequence[int]):
+        """The step over the accepted prefix r_0..r_{p-1} (and the prompt context): the chain of prefix p ->
+        (hidden [1, 1, H], logits [1, 1, N], past, the position of that chain's last row), or None when
+        nothing can be proposed (p = 0 without a prompt context)."""
         p = len(tokens)
         context = self.prompt_rows(features)
-        if (p == 0 and context is None) or gamma <= 0:
-            return [], None
+        if p == 0 and context is None:
+            return None
         dev, dtype = self.fc.weight.device, self.fc.weight.dtype
         rows = features.rows if context is not None else features
         feats = rows[:p].to(dev, dtype)[None]                               # [1, p, fc_in]
@@ -379,17 +398,8 @@ class Eagle3Drafter(nn.Module):
         n = ids.shape[1]
         mask = torch.cat([torch.ones(n, K, dtype=torch.bool, device=dev),
                           torch.ones(n, n, dtype=torch.bool, device=dev).tril()], 1)
-        out, qs = [], []
         hidden, logits = self.step(ids, self.fc(feats), K + torch.arange(n, device=dev)[None], past, mask)
-        hidden, logits = hidden[:, -1:], logits[:, -1:]                     # the chain of prefix p
-        for k in range(1, gamma + 1):
-            tok, q = pick(self.target_logits(logits[0, -1].float()))
-            out.append(tok)
-            qs.append(q)
-            if k < gamma:
-                hidden, logits = self.step(torch.tensor([[tok]], device=dev), hidden,
-                                           torch.tensor([[K + n - 1 + k]], device=dev), past, None)
-        return out, stacked(qs)
+        return hidden[:, -1:], logits[:, -1:], past, K + n - 1
 
     def prompt_rows(self, features) -> dict | None:
         """`propose`'s features -> the batch-of-one prompt context (`with_context`), None without one."""
@@ -404,6 +414,26 @@ class Eagle3Drafter(nn.Module):
     def num_params(self) -> int:
         """Trainable parameters (the frozen target embeddings excluded)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def tree_logprobs(self, features, tokens: Sequence[int], paths: list[list[int]]) -> Tensor:
+        """The draft tree's hook (specdec/tree.py): log-probabilities [P, V_target] of the token after the
+        prefix + each path (paths of one length d). The prefix runs once as in `propose` (its prompt context
+        included); then the P branches unroll side by side, d steps, each on its own hidden states and tokens
+        (batch P), attending the shared prefix keys and its own earlier steps. -inf outside the draft
+        vocabulary, and everywhere at p = 0 without a prompt context (no token to embed)."""
+        P, dev = len(paths), self.fc.weight.device
+        prefix = self._prefix(features, tokens)
+        if prefix is None:
+            return torch.full((P, self.config.vocab_size), float("-inf"), device=dev)
+        hidden, logits, past, start = prefix
+        hidden, logits = hidden.expand(P, 1, -1), logits.expand(P, 1, -1)
+        past[:] = [tuple(t.expand(P, -1, -1, -1) for t in kv) for kv in past]
+        branch = torch.tensor(paths, dtype=torch.long, device=dev).view(P, len(paths[0]))   # [P, d]
+        for k in range(1, branch.shape[1] + 1):
+            hidden, logits = self.step(branch[:, k - 1: k], hidden, torch.tensor([[start + k]], device=dev), past,
+                                       None)
+        return self.target_logits(logits[:, -1].float()).log_softmax(-1)                 # [P, V_target]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -714,3 +744,13 @@ class Eagle3Type(DrafterType):
             ttt_steps=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],
             prompt_context=bool(ctx.get("enabled")), context_features=ctx.get("context_features", []),
             video_rows=int(ctx.get("video_rows", 0)), video_token_id=ctx.get("video_token_id")))
+
+    def row_context(self, model, store, row, **options):
+        """What `propose` reads for one store row: the fused feature rows of the response (`fuse_features`),
+        as a `PromptRows` with the row's prompt context when the drafter reads one."""
+        c = model.config
+        rows = fuse_features(lambda n: store.hidden(row, n), c.feature_names)
+        if not c.prompt_context:
+            return rows
+        ctx = context_inputs(store, row, c.feature_names, c.context_features)
+        return PromptRows(rows, ctx["prompt"], int(ctx["prompt_token"]), ctx["video"])

@@ -18,8 +18,10 @@ forward (read by its Lightning module's `losses`):
   chosen by `pick` from the drafter's next-token logits over the target vocabulary: `greedy` takes the
   argmax, a sampling pick (specdec/online_drafters.py) draws and returns the distribution it drew from;
   q [k, V] stacks those (None when greedy). `context` is what the type reads besides the prefix (its
-  `OnlineInputs.context`: EventGPT's response, target features, ...). The proposal is a chain; draft
-  trees will come as a second proposal shape beside it.
+  `OnlineInputs.context`: EventGPT's response, target features, ...). The proposal is a chain.
+- `tree_logprobs(context, prefix, paths) -> [len(paths), V]`: the draft tree's hook (specdec/tree.py): for
+  several branch paths at once (token lists of one length), the next-token log-probabilities after
+  prefix + path over the target vocabulary; a row of -inf proposes nothing there.
 - `chain_runs(batch, depth) -> ChainRuns`: for greedy chains, at every position of every row of a batch
   at once (the prefix at each position is the target's own response), how many of the proposed tokens
   the target accepts. Rounds are then walked from these runs (specdec/metrics.py: `rounds_from_runs`),
@@ -143,6 +145,11 @@ class DrafterType:
 
     def check_store(self, model: nn.Module, store) -> None:
         """Raise StoreMismatch when the store lacks what the drafter reads."""
+
+    def row_context(self, model: nn.Module, store, row, **options) -> Any:
+        """Offline, the `context` of `propose` / `tree_logprobs` for one store row (what `online_inputs`
+        gathers online); options: those of `variants`. Draft trees are scored round by round from it."""
+        return None
 
     def variants(self, model: nn.Module) -> dict[str, Variant]:
         """Other drafters the same weights make, by report name (the TokenAdapter without its draft:

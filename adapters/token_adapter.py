@@ -271,6 +271,29 @@ class TokenAdapter(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def tree_logprobs(self, draft_tokens: Sequence[int] | None, prefix: Sequence[int],
+                      paths: list[list[int]]) -> Tensor:
+        """The draft tree's hook (specdec/tree.py): log-probabilities [P, V] of the token after prefix + each
+        path (paths of one length), in one teacher-forced pass over the P branches; -inf rows where the
+        branch reaches max_len (`propose` proposes nothing there)."""
+        c, dev = self.config, self.head.weight.device
+        depth = len(paths[0])
+        if len(prefix) + depth >= c.max_len:
+            return torch.full((len(paths), c.vocab_size), float("-inf"), device=dev)
+        draft = list(draft_tokens or [])[: c.max_len]
+        memory, has = self._memory(torch.tensor([draft], dtype=torch.long, device=dev).view(1, len(draft)),
+                                   torch.tensor([len(draft)], device=dev), None)
+        if memory is not None:      # one encoding of the draft, read by every branch
+            P = len(paths)
+            memory = DraftMemory([(k.expand(P, -1, -1, -1), v.expand(P, -1, -1, -1)) for k, v in memory.kv],
+                                 memory.hidden.expand(P, -1, -1), memory.mask.expand(P, -1),
+                                 memory.tokens.expand(P, -1))
+            has = has.expand(P)
+        ids = torch.tensor([[c.sep_id, *prefix, *path] for path in paths], dtype=torch.long, device=dev)  # [P, T]
+        h, _ = self._decode(ids, 0, memory, has)
+        return self._logprobs(h[:, -1:], memory, has)[:, -1]                                          # [P, V]
+
 
 def _init(m: nn.Module) -> None:
     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -340,3 +363,7 @@ class TokenAdapterType(DrafterType):
 
     def vocab_info(self, model):
         return {"vocab_size": model.config.vocab_size, "sep_id": model.config.sep_id}
+
+    def row_context(self, model, store, row, keep_draft: bool = True):
+        """EventGPT's response as `propose` reads it (none without the draft)."""
+        return list(row.draft_tokens[: model.config.max_len]) if keep_draft else []

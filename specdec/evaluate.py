@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from specalign.data.store import FeatureStore
 from specalign.specdec import offline
 from specalign.specdec.replay import rounds_trace
-from specalign.specdec.report import write_report
+from specalign.specdec.report import RAW_DRAFT, write_report
+from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_notes, tree_spec
 
 from specalign.errors import SpecalignError
 from specalign.identity import check_drafter_store
@@ -51,7 +52,7 @@ def evaluate_identity(cfg_or_args: dict) -> dict:
 
 def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | None = None,
                      no_draft: str | None = None, temperature: float | None = None,
-                     allow_store_mismatch: bool = False) -> dict:
+                     allow_store_mismatch: bool = False, tree: TreeSpec | None = None) -> dict:
     from specalign.specdec.drafters import report_drafters
 
     store = FeatureStore(store_path)
@@ -59,36 +60,70 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     rows = store.select(split)
     if not rows:
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
-    drafters = report_drafters(drafter, no_draft, "offline")
+    drafters, tree = report_drafters(drafter, no_draft, "offline"), tree or TreeSpec()
+    check_tree_drafters(drafters, tree)
     runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
     runs |= offline.baseline_runs(store, rows)
     rounds = {name: {} for name in runs}
     tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
               for name, per_row in runs.items()}
-    results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
+    tree_report = tree_tables(drafters, store, rows, gammas, tree, tables, rounds) if tree.on else None
+    results = {name: {str(g): a.summary() for g, a in t["all"].items()} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
     if len(durations) > 1:  # e.g. DSEC 1 s vs 500 ms clips, at the largest gamma
-        by_duration = {d: {name: t[d][gammas[-1]].summary() for name, t in tables.items()} for d in durations}
+        by_duration = {d: {name: t[d][gammas[-1]].summary() for name, t in tables.items() if gammas[-1] in t[d]}
+                       for d in durations}
     report = {"mode": "offline", "split": split, "gammas": gammas, "store": str(store_path),
               "by_duration": by_duration,
               "store_identity": {k: store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
               "drafter": drafter, "no_draft": no_draft, "results": results,
-              "notes": [n for d in drafters for n in d.notes],
+              "notes": [n for d in drafters for n in d.notes] + tree_notes(tree, temperature),
               "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
+    if tree_report:
+        report["tree"] = tree_report
     if temperature and store.has_hidden:
         report["sampling"] = {d.name: {"temperature": temperature, "expected_alpha": offline.expected_sampling_acceptance(
             store, rows, offline.drafter_logprobs(d, store), temperature)} for d in drafters}
     return report
 
 
+def check_tree_drafters(drafters: list, tree: TreeSpec) -> None:
+    """A tree needs a drafter with a distribution (not the baselines' token lists)."""
+    if tree.on and not drafters:
+        check_tree_drafter(None, RAW_DRAFT, tree)
+    for d in drafters:
+        check_tree_drafter(d.model, d.name, tree)
+
+
+def tree_tables(drafters: list, store: FeatureStore, rows: list, gammas: list[int], tree: TreeSpec,
+                tables: dict, rounds: dict) -> dict:
+    """Adds "<name>+tree" beside each drafter's chain in `tables` and `rounds` (in place, each right after its
+    chain) -> the report's `tree` section: budget, top-k and per name and gamma the mean nodes per round."""
+    width = {}
+    for d in drafters:
+        name, per_gamma = d.name + TREE_SUFFIX, {}
+        for g in tree.depths(gammas):
+            per_gamma[g], nodes = offline.drafter_tree_rounds(d, store, rows, g, tree)
+            width.setdefault(name, {})[str(g)] = sum(nodes) / max(len(nodes), 1)
+        tables[name] = offline.round_tables(rows, per_gamma, group=lambda r: r.duration)
+        rounds[name] = per_gamma
+    order = [n for name in tables if not name.endswith(TREE_SUFFIX) for n in (name, name + TREE_SUFFIX) if n in tables]
+    for table in (tables, rounds):
+        table.update({n: table.pop(n) for n in order})
+    return {"budget": tree.budget, "topk": tree.topk, "width": width}
+
+
 @hydra_stage("evaluate")
 def main(cfg: DictConfig) -> dict:
     gammas = gammas_of(cfg.gamma)
+    tree = tree_spec(cfg.get("tree"), gammas)
+    if cfg.mode == "offline" and not cfg.drafter:     # refused before anything is written
+        check_tree_drafters([], tree)
     claim_output(cfg.out, "evaluate", evaluate_identity(cfg))
     if cfg.mode == "offline":
         report = evaluate_offline(cfg.store, cfg.split, gammas, cfg.drafter, cfg.no_draft, cfg.temperature,
-                                  cfg.get("allow_store_mismatch", False))
+                                  cfg.get("allow_store_mismatch", False), tree)
     elif cfg.mode == "online":
         from specalign.specdec.online_eval import evaluate_online
 

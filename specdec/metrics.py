@@ -187,3 +187,20 @@ def greedy_acceptance(targets: Sequence[Sequence[int]], proposers: Sequence[Prop
     for t, prop in zip(targets, proposers):
         acc.add_sample(simulate_greedy(t, prop, gamma))
     return acc
+
+
+def round_at(start: int, proposed: int, accepted: int, n: int) -> Round:
+    """The round at accepted length `start` of a response of n tokens that proposed `proposed` tokens inside it
+    and had `accepted` of them accepted (a draft tree: its depth and its longest accepted root path)."""
+    return _round(start, proposed, accepted, n - start)
+
+
+def simulate_rounds(n: int, counts_at: Callable[[int], tuple[int, int]]) -> list[Round]:
+    """The rounds over a response of n tokens when the round starting at p proposes and accepts
+    counts_at(p) = (proposed, accepted) tokens: `simulate_greedy` for proposals other than a chain (draft trees,
+    specdec/tree.py: `round_counts`)."""
+    rounds, p = [], 0
+    while p < n:
+        rounds.append(round_at(p, *counts_at(p), n))
+        p += rounds[-1].generated
+    return rounds

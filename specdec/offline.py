@@ -19,8 +19,16 @@ import torch
 from specalign.data.features import feature_name
 from specalign.data.store import FeatureStore, Row
 from specalign.specdec.drafters import ReportDrafter
-from specalign.specdec.metrics import Acceptance, expected_accept, rounds_from_runs, token_runs
+from specalign.specdec.metrics import (
+    Acceptance,
+    Round,
+    expected_accept,
+    rounds_from_runs,
+    simulate_rounds,
+    token_runs,
+)
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT, STORED
+from specalign.specdec.tree import TreeSpec, grow, round_counts
 
 Runs = tuple[list[int], list[int]]      # run [n], cap [n] of one response
 
@@ -130,3 +138,35 @@ def expected_sampling_acceptance(store: FeatureStore, rows: Iterable[Row],
         total += float(expected_accept(p, q).sum())
         count += p.shape[0]
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def drafter_tree_rounds(d: ReportDrafter, store: FeatureStore, rows: Sequence[Row], gamma: int,
+                        spec: TreeSpec) -> tuple[list[list[Round]], list[int]]:
+    """Every row's rounds with draft trees of depth gamma (specdec/tree.py), walked round by round: at each
+    round start the drafter grows its tree from the target's prefix, and the round accepts the tree's longest
+    root path equal to the target's tokens. Trees are grown to depth gamma also near the end of a response,
+    as online (where the end is not known). -> (rounds per row, nodes of every tree)."""
+    d.kind.check_store(d.model, store)
+    out, widths = [], []
+    for row in rows:
+        context, r = d.kind.row_context(d.model, store, row, **d.options), list(row.target_tokens)
+
+        def counts(p: int, context=context, r=r) -> tuple[int, int]:
+            tree = grow(lambda paths: d.model.tree_logprobs(context, r[:p], paths), gamma, spec.budget, spec.topk)
+            widths.append(len(tree))
+            return round_counts(tree, r, p)
+
+        out.append(simulate_rounds(len(r), counts))
+    return out, widths
+
+
+def round_tables(rows: Sequence[Row], rounds: dict[int, list[list[Round]]],
+                 group: Callable[[Row], str | None] | None = None) -> dict[str, dict[int, Acceptance]]:
+    """{"all" | group: {gamma: Acceptance}} from each row's rounds per gamma (as `acceptances` from runs)."""
+    tables: dict[str, dict[int, Acceptance]] = {}
+    for g, per_row in rounds.items():
+        for row, row_rounds in zip(rows, per_row):
+            for k in {"all"} | ({group(row)} if group and group(row) else set()):
+                tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(row_rounds)
+    return tables

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from specalign.specdec.engine import StaticDecoder
-from specalign.specdec.metrics import Acceptance, Round, accept_length, make_round
+from specalign.specdec.metrics import Acceptance, Round, accept_length, make_round, round_at
+from specalign.specdec.tree import Tree, TreeSpec, round_counts, verify_inputs
 from torch import Tensor
 from transformers import DynamicCache
 
@@ -406,3 +407,79 @@ def _accept(logits: Tensor, proposal: list[int], q: Tensor | None, sampling: Sam
         q = F.one_hot(torch.tensor(proposal, dtype=torch.long), vocab).float()
     q = F.pad(q[: len(proposal)].float().cpu(), (0, vocab - q.shape[-1]))   # [k, V]; a smaller draft vocab
     return speculative_accept(p, q, proposal, generator)
+
+
+# ----------------------------------------------------------------------------- draft trees (specdec/tree.py)
+
+def check_tree_engine(kind: str) -> None:
+    """Trees verify through a 4D mask and compact the cache: the growing cache's engine only."""
+    if kind != "dynamic":
+        raise SpecalignError(f"draft trees decode on transformers' growing cache: set engine.kind=dynamic (got "
+                             f"{kind!r}; the static engine verifies chains only) or tree.budget=0")
+
+
+@torch.no_grad()
+def forward_tree(model, cache: DynamicCache, pending: Sequence[int], tree: Tree,
+                 hidden_layers: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor] | None]:
+    """One target forward over [pending] + the tree's nodes after the cached prefix, each node at its own depth's
+    position and seeing only its ancestors (a 4D mask, which transformers' LLaMA takes as it is).
+    The cache grows by len(pending) + len(tree). -> logits [M, V] (float32), hidden states {layer: [M, H]}."""
+    check_tree_engine("static" if isinstance(model, StaticDecoder) else "dynamic")
+    ids, positions, mask = verify_inputs(tree, pending, cache.get_seq_length(), model.dtype, model.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                output_hidden_states=bool(hidden_layers), **{_cache_kwarg(model): cache})
+    return out.logits[0].float(), _pick_hidden(out, hidden_layers)
+
+
+def compact(cache: DynamicCache, keep: Sequence[int]) -> None:
+    """Keep only the cached positions `keep`, in order (after a tree verification: the prefix, the pending token
+    and the accepted path), so the cache is the one decoding that path would have left."""
+    index = None
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or not layer.keys.numel():
+            continue
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=layer.keys.device) if index is None else index
+        layer.keys, layer.values = layer.keys.index_select(-2, index), layer.values.index_select(-2, index)
+
+
+@torch.no_grad()
+def tree_generate(target, prefill: PrefillSpec, drafter, *, gamma: int, tree: TreeSpec, max_new_tokens: int,
+                  eos_token_id: int | Sequence[int] | None = None, hidden_layers: Sequence[int] = (),
+                  request: Any = None) -> OnlineResult:
+    """Greedy speculative decoding of one sequence with draft trees of depth gamma: the drafter grows a tree from
+    the accepted prefix (`drafter.propose_tree`), the target verifies it in one forward (`forward_tree`), the
+    longest root path equal to its greedy tokens is accepted with the target's own token after it, and the cache
+    is compacted to that path. Rounds are scored from the trees against the final output (`tree.round_counts`),
+    the definition the offline simulation uses."""
+    check_tree_engine("static" if isinstance(target, StaticDecoder) else "dynamic")
+    device, eos = target.device, _eos_set(eos_token_id)
+    t0 = _now(device)
+    pre = run_prefill(target, prefill, hidden_layers)
+    t1 = _now(device)
+    drafter.begin(DraftContext(prefill, request, pre.length, pre.hidden))
+    t2 = _now(device)
+    out, log, trees, pending = [], [], [], []
+    while not _finished(out, eos, max_new_tokens):
+        budget = max_new_tokens - len(out)
+        ta = _now(device)
+        draft = drafter.propose_tree(list(out), gamma, tree)
+        tb = _now(device)
+        cached = pre.cache.get_seq_length()
+        logits, hidden = forward_tree(target, pre.cache, pending, draft, hidden_layers) if pending or len(draft) \
+            else (pre.logits[None], None)
+        if not pending and len(draft):
+            logits = torch.cat([pre.logits[None], logits])              # row 0: after the prefix, 1 + i: node i
+        best = logits.argmax(-1).tolist()
+        path = draft.accepted(lambda i, best=best: best[i + 1])
+        bonus = best[path[-1] + 1 if path else 0]
+        rows = list(range(len(pending))) + [len(pending) + i for i in path]        # what stays in the cache
+        compact(pre.cache, list(range(cached)) + [cached + j for j in rows])
+        tc = _now(device)
+        accepted = [draft.tokens[i] for i in path]
+        drafter.observe(accepted + [bonus], {i: h[rows] for i, h in hidden.items()} if hidden else None)
+        log.append(RoundLog(len(out), list(draft.tokens), len(path), len(pending) + len(draft), tb - ta, tc - tb))
+        trees.append(draft)
+        out += _truncate(accepted + [bonus], eos, budget)
+        pending = [bonus]
+    rounds = [round_at(r.start, *round_counts(t, out, r.start), len(out)) for r, t in zip(log, trees)]
+    return OnlineResult(out, log, rounds, gamma, t1 - t0, t2 - t1, _now(device) - t0)

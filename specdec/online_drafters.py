@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from specalign.adapters.registry import OnlineInputs, Pick, greedy
 from specalign.specdec.online import DraftContext, Sampling, draw
+from specalign.specdec.tree import Tree, TreeSpec, grow
 from torch import Tensor, nn
 
 
@@ -69,3 +70,9 @@ class OnlineDrafter:
 
     def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
         self.inputs.observe(accepted_tokens, hidden)
+
+    def propose_tree(self, accepted: list[int], depth: int, spec: TreeSpec) -> Tree:
+        """A draft tree of `depth` from the accepted prefix (specdec/tree.py), grown through the model's
+        `tree_logprobs` hook; greedy decoding only."""
+        context = self.inputs.context(accepted)
+        return grow(lambda paths: self.model.tree_logprobs(context, accepted, paths), depth, spec.budget, spec.topk)

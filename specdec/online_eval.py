@@ -59,13 +59,16 @@ from specalign.specdec.online import (
     OnlineResult,
     Sampling,
     TokenListDrafter,
+    check_tree_engine,
     greedy_generate,
     make_engine,
     speculative_generate,
+    tree_generate,
 )
 from specalign.specdec.online_drafters import OnlineDrafter
 from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
+from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_notes, tree_spec
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
@@ -99,6 +102,7 @@ class Entry:
     request: str | None = None            # DRAFT_RESPONSE | DRAFT_PREFILL | None
     hidden_layers: Sequence[int] = ()
     runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
+    tree: TreeSpec | None = None          # draft trees (specdec/tree.py) instead of chains
 
     @property
     def reads_draft_response(self) -> bool:
@@ -168,22 +172,32 @@ def baseline_entries(draft) -> dict[str, Entry]:
             DRAFT_MODEL: Entry(ModelDrafter(engine_of(draft)), DRAFT_PREFILL)}
 
 
-def all_entries(cfg: DictConfig, target, draft) -> tuple[dict[str, Entry], list[str]]:
-    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), then the baselines. On the static
-    engine the drafters' greedy rounds run on static shapes too, where their type offers it."""
-    entries = {}
+def all_entries(cfg: DictConfig, target, draft, tree: TreeSpec | None = None) -> tuple[dict[str, Entry], list[str]]:
+    """The report's drafters (specdec/drafters.py: `drafter`, `no_draft`), each followed by "<name>+tree" when
+    `tree` is on, then the baselines. On the static engine the drafters' greedy rounds run on static shapes
+    too, where their type offers it."""
+    entries, tree = {}, tree or TreeSpec()
     drafters = report_drafters(cfg.drafter, cfg.no_draft, "online", cfg.device)
+    for d in drafters:
+        check_tree_drafter(d.model, d.name, tree)
     static = target.engine if isinstance(target.engine, StaticDecoder) else None
     for d in drafters:
         inputs = partial(d.kind.online_inputs, d.model, engine_of(draft), **d.options)
         fast = d.kind.static_proposer(d.model, static.cuda_graphs, static.compile) if static else None
         drafter = OnlineDrafter(d.model, inputs, static=fast)
         entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
+        if tree.on:     # the same drafter growing trees, eagerly, beside its chain
+            eager = OnlineDrafter(d.model, inputs)
+            entries[d.name + TREE_SUFFIX] = Entry(eager, eager.request, eager.hidden_layers, tree=tree)
     return {**entries, **baseline_entries(draft)}, [n for d in drafters for n in d.notes]
 
 
 def run_entry(target, entry: Entry, p: Prepared, gamma: int, max_new_tokens: int, eos,
               sampling: Sampling | None = None, generator: torch.Generator | None = None) -> OnlineResult:
+    if entry.tree is not None:
+        return tree_generate(engine_of(target), p.target_prefill, entry.drafter, gamma=gamma, tree=entry.tree,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, hidden_layers=entry.hidden_layers,
+                             request=entry.request_of(p))
     return speculative_generate(engine_of(target), p.target_prefill, entry.drafter, gamma=gamma,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=sampling,
                                 generator=generator, hidden_layers=entry.hidden_layers, request=entry.request_of(p))
@@ -271,8 +285,13 @@ def drafter_costs(entry: Entry, runs: list[OnlineResult], prepared: list[Prepare
 
 def verify_costs(entries: dict[str, Entry], gammas: list[int]) -> dict[str, float | None]:
     """Mean target verification of gamma + 1 tokens, pooled over every drafter's full verifications."""
-    return {str(g): mean([r.verify_s for e in entries.values() for run in e.runs[g] for r in run.log
-                          if r.verified == g + 1]) for g in gammas}
+    return {str(g): mean([r.verify_s for e in entries.values() if e.tree is None for run in e.runs[g]
+                          for r in run.log if r.verified == g + 1]) for g in gammas}
+
+
+def tree_verify_s(runs: list[OnlineResult]) -> float | None:
+    """A tree drafter's own mean verification (behind the pending bonus token: every round but the first)."""
+    return mean([r.verify_s for run in runs for r in run.log if r.verified > len(r.proposal)])
 
 
 def projected_speedup(tau: float, n: float, target: dict, verify: float | None, drafter: dict) -> dict:
@@ -339,19 +358,23 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
     if not rows:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
     requests = requests_of_rows(rows, load_samples(cfg, store))
+    tree = tree_spec(cfg.get("tree"), gammas)
+    if tree.on:
+        check_tree_engine((cfg.get("engine") or {}).get("kind", "static"))
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
     use_engines(cfg, (target, draft), max_new, gammas)
-    entries, notes = all_entries(cfg, target, draft)
+    entries, notes = all_entries(cfg, target, draft, tree)
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()
-    sampled = sampling_entries(entries, sampling, generator) if sampling else {}
+    sampled = sampling_entries({n: e for n, e in entries.items() if e.tree is None}, sampling, generator) \
+        if sampling else {}
     warm_up(target, draft, requests[0])
     prepared = []
     for i, (row, request) in enumerate(zip(rows, requests)):
         prepared.append(prepare(target, draft, row, request, max_new, eos))
         for entry in entries.values():
-            for g in gammas:
+            for g in entry.tree.depths(gammas) if entry.tree else gammas:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"]))
         for entry in sampled.values():
             for g in gammas:
@@ -359,7 +382,8 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
                 entry.runs.setdefault(g, []).append(run_entry(target, entry, prepared[-1], g, max_new, eos["target"],
                                                               sampling, generator))
         log.info("online %d/%d: %s", i + 1, len(rows), row.key)
-    return OnlineRuns(store, entries, prepared, notes, sampling, seed, sampled)
+    return OnlineRuns(store, entries, prepared, notes + tree_notes(tree, cfg.get("temperature")), sampling, seed,
+                      sampled)
 
 
 def evaluate_online(cfg: DictConfig, gammas: list[int]) -> dict:
@@ -372,8 +396,9 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
     target["verify_s"] = verify_costs(runs.entries, gammas)
     by = {"results": {}, "costs": {}, "speedup": {}, "same": {}}    # section -> name -> gamma -> value
     for name, e in runs.entries.items():
-        for g in gammas:
-            numbers = entry_numbers(e, e.runs[g], prepared, target, target["verify_s"][str(g)])
+        for g in sorted(e.runs):
+            verify = tree_verify_s(e.runs[g]) if e.tree else target["verify_s"][str(g)]
+            numbers = entry_numbers(e, e.runs[g], prepared, target, verify)
             for section, value in numbers.items():
                 by[section].setdefault(name, {})[str(g)] = value
     checks = {"requests": len(prepared),
@@ -386,8 +411,15 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
               "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
               "checks": checks, "notes": runs.notes + check_notes(checks),
-              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
+              "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in sorted(e.runs)})
                                for name, e in runs.entries.items()}}
+    trees = {name: e for name, e in runs.entries.items() if e.tree}
+    if trees:
+        t = next(iter(trees.values())).tree
+        report["tree"] = {"budget": t.budget, "topk": t.topk, "width": {name: {str(g): mean(
+            [len(r.proposal) for run in runs_g for r in run.log]) for g, runs_g in e.runs.items()}
+            for name, e in trees.items()}, "verify_s": {name: {str(g): tree_verify_s(runs_g) for g, runs_g in
+                                                             e.runs.items()} for name, e in trees.items()}}
     if runs.sampling:
         report["sampling_online"] = sampling_report(cfg, gammas, runs)
         report["notes"].append(sampling_note(runs))

@@ -6,6 +6,7 @@ Structure of report.json:
      "results": {name: {"<gamma>": {tau, alpha, alpha_at, rounds, tokens, samples, ...}}},
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
      "rounds_trace": {name: {"<gamma>": [[accepted draft tokens of each round] per request]}},
+     "tree": {budget, topk, width: {"<name>+tree": {"<gamma>": mean nodes per round}}},   # tree.budget > 0
      # online mode (specdec/online_eval.py):
      "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
                "draft": {prefill_s, decode_s, tokens_per_s},
@@ -30,6 +31,7 @@ RAW_DRAFT = "raw_draft"       # the draft model's own free-running greedy tokens
 DRAFT_MODEL = "draft_model"   # the draft model as an ordinary draft model
 BASELINES = (RAW_DRAFT, DRAFT_MODEL)
 STORED = "stored:"            # prefix of the token lists stored with the pairs (e.g. an earlier adapter's)
+TREE_SUFFIX = "+tree"         # a drafter's draft-tree row beside its chain row (specdec/tree.py)
 
 
 def is_baseline(name: str) -> bool:
@@ -38,7 +40,9 @@ def is_baseline(name: str) -> bool:
 
 def entry_label(report: str, name: str) -> str:
     """The name of a report's entry across reports: a baseline by its own name, the report's drafter by the
-    report's, its other drafters as "<report> (<name>)" (e.g. "token_adapter (no_draft)")."""
+    report's (its tree "<report>+tree"), its other drafters as "<report> (<name>)" (e.g. "token_adapter (no_draft)")."""
+    if name == "drafter" + TREE_SUFFIX:
+        return report + TREE_SUFFIX
     return name if is_baseline(name) else report if name == "drafter" else f"{report} ({name})"
 
 
@@ -49,15 +53,17 @@ def markdown_table(report: dict) -> str:
     lines += [head, "|" + "---|" * (2 * len(gammas) + 2)]
     for name, per_gamma in report["results"].items():
         cells = []
-        for g in gammas:
-            s = per_gamma[str(g)]
-            cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
-        samples = per_gamma[str(gammas[0])]["samples"]
+        for g in gammas:      # a tree row may cover some gammas only (tree.gammas)
+            s = per_gamma.get(str(g))
+            cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"] if s else ["–", "–"]
+        samples = next(iter(per_gamma.values()))["samples"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {samples} |")
     g0 = gammas[-1]
     lines += ["", f"α_k at γ={g0} (accepted at position k / rounds that reached k):", "",
               "| drafter | " + " | ".join(f"k={k}" for k in range(g0)) + " |", "|" + "---|" * (g0 + 1)]
     for name, per_gamma in report["results"].items():
+        if str(g0) not in per_gamma:
+            continue
         at = per_gamma[str(g0)]["alpha_at"]
         lines.append(f"| {name} | " + " | ".join("–" if a is None else f"{a:.3f}" for a in at) + " |")
     if report.get("by_duration"):
@@ -67,9 +73,11 @@ def markdown_table(report: dict) -> str:
         for name in report["results"]:
             cells = []
             for per_name in report["by_duration"].values():
-                s = per_name[name]
-                cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"]
+                s = per_name.get(name)
+                cells += [f"{s['tau']:.3f}", f"{s['alpha']:.3f}"] if s else ["–", "–"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("tree"):
+        lines += tree_lines(report["tree"])
     if report.get("sampling"):
         lines += ["", "Expected acceptance under speculative sampling (mean Σ min(p, q) per position):", "",
                   "| drafter | temperature | expected α |", "|---|---|---|"]
@@ -86,6 +94,18 @@ def markdown_table(report: dict) -> str:
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def tree_lines(tree: dict) -> list[str]:
+    """Draft trees beside their chains: the verification width (nodes per round) each pays."""
+    gammas = sorted({g for w in tree["width"].values() for g in w}, key=int)
+    lines = ["", (f"Draft trees (`<drafter>+tree`): EAGLE-2 dynamic trees of depth γ, at most {tree['budget']} nodes, "
+                  f"top-{tree['topk']} children of the best nodes per depth. Width = draft tokens the target verifies "
+                  "per round (a chain verifies γ):"), "",
+             "| drafter | " + " | ".join(f"width (γ={g})" for g in gammas) + " |", "|" + "---|" * (len(gammas) + 1)]
+    for name, per_gamma in tree["width"].items():
+        lines.append(f"| {name} | " + " | ".join(_num(per_gamma.get(g), ".1f") for g in gammas) + " |")
+    return lines
 
 
 def _num(v: float | None, spec: str = ".3g") -> str:
@@ -150,6 +170,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, per_gamma in report["results"].items():
+        if str(g0) not in per_gamma:
+            continue
         at = per_gamma[str(g0)]["alpha_at"]
         ks = [k for k, a in enumerate(at) if a is not None]
         ax.plot([k + 1 for k in ks], [at[k] for k in ks], marker="o", label=name)
@@ -161,7 +183,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for name, per_gamma in report["results"].items():
-            ax.plot(report["gammas"], [per_gamma[str(g)]["tau"] for g in report["gammas"]], marker="o", label=name)
+            gs = [g for g in report["gammas"] if str(g) in per_gamma]
+            ax.plot(gs, [per_gamma[str(g)]["tau"] for g in gs], marker="o", label=name)
         ax.set(xlabel="γ (draft tokens per round)", ylabel="τ (tokens per round)", title="mean accepted length")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -18,8 +18,10 @@ from hydra import compose, initialize_config_dir
 from specalign.adapters.eagle3 import context_inputs
 from specalign.data.store import FeatureStore
 from specalign.data.synth import synthesize
+from specalign.specdec import offline
+from specalign.specdec.drafters import report_drafters
 from specalign.specdec.evaluate import evaluate_offline
-from specalign.specdec.metrics import Acceptance
+from specalign.specdec.metrics import Acceptance, rounds_from_runs
 from specalign.specdec.online import Sampling, speculative_generate
 from specalign.specdec.online_eval import (
     eos_ids,
@@ -31,6 +33,7 @@ from specalign.specdec.online_eval import (
     run_online,
     sampling_entries,
 )
+from specalign.specdec.tree import TreeSpec
 from specalign.train.export import export_run
 from specalign.train.extract import extract
 from specalign.train.train import main as train_main
@@ -322,3 +325,28 @@ def test_sampling_at_low_temperature_reproduces_greedy(online, tiny_models, whic
                 run = run_entry(target, entry, p, gamma, MAX_NEW, eos, cold, g)
                 assert run.tokens == greedy.tokens, (name, gamma)
                 assert run.rounds == greedy.rounds, (name, gamma)
+
+
+@pytest.mark.parametrize("drafter", ["token_adapter", "eagle3_both"])
+def test_trees_online_equal_plain_greedy_and_the_offline_walk(world, drafter):
+    """Draft trees of trained drafters (the TokenAdapter with its no-draft variant, EAGLE-3): online (growing
+    cache, one tree forward, compaction) token for token plain greedy decoding and round for round the offline
+    walk; a top-1 tree of budget gamma is exactly the chain; the offline report puts each tree beside its chain."""
+    g, spec = max(GAMMAS), TreeSpec(6, 2, (max(GAMMAS),))
+    cfg = online_config(world, drafter, None, "engine.kind=dynamic", "limit=2", "tree.budget=6", "tree.topk=2")
+    runs = run_online(cfg, [g])
+    store, rows = FeatureStore(world["store"]), [p.row for p in runs.prepared]
+    for d in report_drafters(cfg.drafter, None, "offline"):
+        online = runs.entries[d.name + "+tree"].runs[g]
+        assert [run.tokens for run in online] == [p.greedy.tokens for p in runs.prepared], d.name
+        walked, nodes = offline.drafter_tree_rounds(d, store, rows, g, spec)
+        assert [run.rounds for run in online] == walked, d.name
+        assert sum(nodes) / len(nodes) > g, "a tree verifies more nodes than its depth"
+        top1, _ = offline.drafter_tree_rounds(d, store, rows, g, TreeSpec(g, 1))
+        chains = offline.drafter_runs(d, store, rows, g)
+        assert top1 == [rounds_from_runs(*r, len(row.target_tokens), g) for r, row in zip(chains, rows)], d.name
+    assert online_report(cfg, [g], runs)["tree"]["width"].keys() == {n for n in runs.entries if n.endswith("+tree")}
+    if drafter == "eagle3_both":     # one drafter: one offline walk over the split
+        report = evaluate_offline(world["store"], "test", GAMMAS, cfg.drafter, tree=spec)
+        assert list(report["results"])[:3] == ["drafter", "drafter+tree", "raw_draft"]
+        assert set(report["results"]["drafter+tree"]) == {str(g)} and set(report["tree"]["width"]) == {"drafter+tree"}

@@ -129,13 +129,19 @@ def export(run: Path, out: Path, fmt: str = "native") -> Path:
     return export_run(run, out, fmt)
 
 
-def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None) -> dict:
+def evaluate(P: DictConfig, store: Path, drafter: Path, out: Path, no_draft: Path | None = None,
+             trees: bool = False) -> dict:
+    """The offline report; `trees`: with draft trees at the largest gamma (`evaluate.tree`) beside the chains."""
     from specalign.specdec.evaluate import evaluate_identity, evaluate_offline
     from specalign.specdec.report import write_report
 
     claim_output(out, "evaluate", evaluate_identity({"store": store, "drafter": drafter, "no_draft": no_draft}))
-    report = evaluate_offline(store, "test", list(P.evaluate.gammas), str(drafter),
-                              str(no_draft) if no_draft else None, P.evaluate.get("temperature"))
+    from specalign.specdec.tree import tree_spec
+
+    gammas, tree = list(P.evaluate.gammas), P.evaluate.get("tree") or {}
+    tree = tree_spec({**tree, "gammas": tree.get("gammas") or gammas[-1:]} if trees else None, gammas)
+    report = evaluate_offline(store, "test", gammas, str(drafter), str(no_draft) if no_draft else None,
+                              P.evaluate.get("temperature"), tree=tree)
     write_report(report, out)
     return report
 
@@ -166,21 +172,24 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
+            if str(gamma) not in per_gamma:
+                continue
             s = per_gamma[str(gamma)]
+            width = report.get("tree", {}).get("width", {}).get(name, {}).get(str(gamma), gamma)
             rows.append({"drafter": key, "baseline": is_baseline(name), "tau": s["tau"], "alpha": s["alpha"],
-                         "rounds": s["rounds"], "samples": s["samples"]})
+                         "rounds": s["rounds"], "samples": s["samples"], "width": width})
     return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
 
 
 def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path], n_online: int) -> str:
     table = Table(title=f"acceptance on the test split, γ={gamma} (offline, exact)")
     online_col = f"online τ ({n_online} req.)"
-    for col in ("drafter", "τ", "α", "rounds", online_col):
+    for col in ("drafter", "τ", "α", "rounds", "width", online_col):
         table.add_column(col, justify="left" if col == "drafter" else "right")
-    md = [f"| drafter | τ (γ={gamma}) | α | rounds | {online_col} |", "|---|---|---|---|---|"]
+    md = [f"| drafter | τ (γ={gamma}) | α | rounds | width | {online_col} |", "|---|---|---|---|---|---|"]
     for r in rows:
         on = online.get(r["drafter"])
-        cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]),
+        cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]), f"{r['width']:.3g}",
                  "" if on is None else f"{on:.3f}"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
@@ -217,8 +226,9 @@ def pipeline(cfg: DictConfig) -> dict:
         export(runs[name], out / "drafters" / f"{name}_speculators", "speculators")
 
     step("evaluate offline on the test split")
+    tree_reports = (P.evaluate.get("tree") or {}).get("reports") or []
     reports = {label: evaluate(P, store, drafters[r.drafter], out / "reports" / label,
-                               drafters[r.no_draft] if r.get("no_draft") else None)
+                               drafters[r.no_draft] if r.get("no_draft") else None, label in tree_reports)
                for label, r in P.reports.items()}
 
     step("evaluate online (real speculative decoding with the tiny target)")
