@@ -60,11 +60,16 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
     if not rows:
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
     drafters = report_drafters(drafter, no_draft, "offline")
-    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
+    group = lambda r: r.duration
+    streaming = {d.name for d in drafters if offline.runs_per_gamma(d)}
+    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters if d.name not in streaming}
     runs |= offline.baseline_runs(store, rows)
-    rounds = {name: {} for name in runs}
-    tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
+    rounds = {name: {} for name in [*streaming, *runs]}
+    tables = {name: offline.acceptances(rows, per_row, gammas, group=group, rounds_out=rounds[name])
               for name, per_row in runs.items()}
+    tables |= {d.name: offline.streaming_acceptances(d, store, rows, gammas, group, rounds[d.name])
+               for d in drafters if d.name in streaming}
+    tables = {name: tables[name] for name in rounds}      # the report's order: its drafters, then the baselines
     results = {name: {str(g): t["all"][g].summary() for g in gammas} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
     by_duration = {}
@@ -76,6 +81,7 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
               "drafter": drafter, "no_draft": no_draft, "results": results,
               "notes": [n for d in drafters for n in d.notes],
               "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
+    report["projected_by_schedule"] = offline.schedule_section(drafters, rows, results, gammas)
     if temperature and store.has_hidden:
         report["sampling"] = {d.name: {"temperature": temperature, "expected_alpha": offline.expected_sampling_acceptance(
             store, rows, offline.drafter_logprobs(d, store), temperature)} for d in drafters}

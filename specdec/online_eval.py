@@ -66,6 +66,7 @@ from specalign.specdec.online import (
 from specalign.specdec.online_drafters import OnlineDrafter
 from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
+from specalign.specdec.schedule import CONCURRENT, SEQUENTIAL
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
@@ -99,11 +100,13 @@ class Entry:
     request: str | None = None            # DRAFT_RESPONSE | DRAFT_PREFILL | None
     hidden_layers: Sequence[int] = ()
     runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
+    schedule: str | None = None           # when it reads EventGPT's response (specdec/schedule.py); None: never
 
     @property
     def reads_draft_response(self) -> bool:
-        """Its input, EventGPT's response, is generated before the run (part of its setup cost)."""
-        return self.request == DRAFT_RESPONSE
+        """Its input, EventGPT's response, is generated before the run (part of its setup cost), unless it
+        streams in beside the target (the concurrent schedule: EventGPT on its own device, nothing up front)."""
+        return self.request == DRAFT_RESPONSE and self.schedule != CONCURRENT
 
     def request_of(self, p: Prepared) -> Any:
         return REQUESTS[self.request](p)
@@ -164,7 +167,7 @@ def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos:
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
-    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE),
+    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE, schedule=SEQUENTIAL),
             DRAFT_MODEL: Entry(ModelDrafter(engine_of(draft)), DRAFT_PREFILL)}
 
 
@@ -178,7 +181,7 @@ def all_entries(cfg: DictConfig, target, draft) -> tuple[dict[str, Entry], list[
         inputs = partial(d.kind.online_inputs, d.model, engine_of(draft), **d.options)
         fast = d.kind.static_proposer(d.model, static.cuda_graphs, static.compile) if static else None
         drafter = OnlineDrafter(d.model, inputs, static=fast)
-        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
+        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers, schedule=drafter.inputs.schedule)
     return {**entries, **baseline_entries(draft)}, [n for d in drafters for n in d.notes]
 
 
@@ -384,7 +387,8 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "store_identity": {k: runs.store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
               "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
-              "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
+              "speedup": by["speedup"], "schedules": {name: e.schedule or "none" for name, e in runs.entries.items()},
+              "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
               "checks": checks, "notes": runs.notes + check_notes(checks),
               "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in gammas})
                                for name, e in runs.entries.items()}}
