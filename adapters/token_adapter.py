@@ -436,6 +436,15 @@ class TokenAdapterType(DrafterType):
     def schedule(self, model, keep_draft: bool = True):
         return model.config.schedule if keep_draft else None
 
+    def notes(self, model, name, mode):
+        if model.config.schedule != CONCURRENT:
+            return []
+        c = model.stream_costs
+        return [(f"'{name}' reads EventGPT's response as it streams in beside the target (the concurrent schedule, "
+                f"specdec/schedule.py): a round every {1e3 * c.round_period_s:.3g} ms from {1e3 * c.target_prefill_s:.3g} "
+                f"ms on sees the tokens EventGPT has made by then ({1e3 * c.draft_prefill_s:.3g} ms prefill, then one "
+                f"every {1e3 * c.draft_step_s:.3g} ms); the expected acceptance under sampling reads its whole response.")]
+
     def static_proposer(self, model, cuda_graphs, compile):
         from specalign.specdec.fast_drafters import TokenAdapterProposer
 
