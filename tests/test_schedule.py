@@ -124,8 +124,9 @@ def test_batched_streaming_walk_is_the_round_by_round_walk():
             expected = round_by_round(model, d, r, gamma)
             assert rounds_from_runs(*runs.row(b, len(r)), len(r), gamma) == expected, (b, gamma)
             accepted += sum(x.accepted for x in expected)
-            full = simulate_greedy(r, lambda p, gm, d=d, r=r: model.propose(d, r[:p], gm)[0], gamma)
-            cut_matters |= full != expected
+            if gamma == 3:
+                full = simulate_greedy(r, lambda p, gm, d=d, r=r: model.propose(d, r[:p], gm)[0], gamma)
+                cut_matters |= full != expected
     assert accepted > 40 and cut_matters, "the responses should accept long runs, and the cut should change some"
 
 
