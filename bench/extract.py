@@ -1,13 +1,20 @@
 """Extraction throughput: the batched path against a per-sample loop, measured in one run.
 
-    python bench/extract.py --models tiny --device cpu                                  # tiny pair, < 1 min
+    python bench/extract.py --models tiny --device cpu                                  # tiny pair, 1-2 min
     python bench/extract.py --models real --device cuda --quant bf16 --batch 16,32,48 --samples 96
+    python bench/extract.py --models real --device cuda --batch 48 --samples 48 --paths generate,batched,fast
     python bench/extract.py --models real --device cuda --quant nf4 --batch 16 --quantize-towers --quantize-heads
 
 - batched:    `ExtractionModule.run` on batches of `--batch` requests: the target's batched greedy generation
               capturing its feature rows as it decodes (its prompt is computed once), then the draft's prompt
               prefilled once, its greedy generation on that KV cache and its teacher-forced pass over the
               target's responses on top of the cached prompt (`HFBackend.generate_and_teacher_force`);
+- batched fast: the same, its decode steps through `vlms.batch_decode.BatchDecoder` (what `specalign
+              extract` runs: a static KV cache kept per batch size, each step replayed as a CUDA graph,
+              RMSNorm and rotary fused by torch.compile; on the CPU the same steps eagerly);
+- transformers generate (batched): transformers' own `generate` of each model on the same batches
+              (greedy, its default growing cache, no feature rows): the reference the fast path is
+              measured against ("vs generate");
 - per-sample: one request at a time without that reuse: generate with the target, generate with the
               draft, then a separate teacher-forced forward (prompt + response) per model, batch size 1.
 
@@ -85,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (H200: 4.8e12)")
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads (the tiny pair's matrices "
                    "are too small to share)")
+    p.add_argument("--paths", type=lambda s: s.split(","), default=["generate", "batched", "fast"],
+                   help="rows besides the per-sample loop, of generate,batched,fast")
     return p.parse_args(argv)
 
 
@@ -250,6 +259,23 @@ def separate_passes(module: ExtractionModule, requests) -> tuple[dict[str, torch
     return feats, texts
 
 
+def hf_generate(module: ExtractionModule, requests, batch: int):
+    """transformers' own batched greedy `generate` of both models (inputs prepared as the batched path's)."""
+    from transformers import GenerationConfig
+
+    n = module.max_new_tokens
+
+    @torch.inference_mode()
+    def run():
+        for i in range(0, len(requests), batch):
+            for backend in (module.target, module.draft):
+                inputs = backend.prepare(requests[i:i + batch]).inputs
+                config = GenerationConfig(max_new_tokens=n, min_new_tokens=n if module.ignore_eos else None,
+                                          do_sample=False, pad_token_id=backend.pad_id, eos_token_id=backend.eos_id)
+                backend.model.generate(**inputs, generation_config=config)
+    return run
+
+
 def per_sample(module: ExtractionModule, requests):
     def run():
         for r in requests:
@@ -333,22 +359,52 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
              "peak": mem.peak, "reserved": mem.reserved, "phases": None,
              **floor(costs["per-sample"], a.max_new_tokens, 1, a)}]
     print(f"  measured {quant} per-sample: {rows[0]['rate']:.2f} samples/s", flush=True)
-    for kv_cache in a.kv_cache:
+    if "generate" in a.paths:  # before the fast path: its torch.compile replaces transformers' rotary function
+        for batch in a.batch:
+            hf_generate(module, requests[:batch], batch)()  # warm-up at this shape
+            seconds, mem = timed(hf_generate(module, requests, batch), a.device)
+            rows.append({"quant": quant, "path": "transformers generate", "kv": "dynamic", "batch": batch,
+                         "rate": len(requests) / seconds, "peak": mem.peak, "reserved": mem.reserved,
+                         "phases": None, **floor(costs["batched"], a.max_new_tokens, batch, a)})
+            print(f"  measured {quant} transformers generate batch {batch}: {rows[-1]['rate']:.2f} samples/s",
+                  flush=True)
+    for kv_cache in a.kv_cache if "batched" in a.paths else ():
         set_kv_cache(module, kv_cache)
         for batch in a.batch:
-            module.run(requests[:batch])  # warm-up at this shape
-            with PhaseClock(module, a.device) as clock:
-                seconds, mem = timed(batched(module, requests, batch), a.device)
-            rows.append({"quant": quant, "path": "batched", "kv": kv_cache, "batch": batch,
-                         "rate": len(requests) / seconds, "peak": mem.peak, "reserved": mem.reserved,
-                         "phases": {k: v / len(requests) for k, v in clock.seconds.items()},
-                         **floor(costs["batched"], a.max_new_tokens, batch, a)})
-            print(f"  measured {quant} batched kv_cache {kv_cache} batch {batch}: {rows[-1]['rate']:.2f} samples/s, "
-                  f"peak {mem.peak / 1e9:.2f} GB", flush=True)
+            rows.append(bench_batched(a, module, quant, requests, batch, "batched", kv_cache, costs["batched"]))
+    if "fast" in a.paths:
+        set_kv_cache(module, "static")
+        t0 = time.perf_counter()
+        module.use_fast_decode()
+        for batch in a.batch:
+            rows.append(bench_batched(a, module, quant, requests, batch, "batched fast", "static", costs["batched"]))
+        print(f"  fast path: attention kernels of the graphs {describe_graphs(module)}; set-up and runs "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        module.target.batch_decoder = module.draft.batch_decoder = None
     if quant == "nf4" and a.device == "cuda":
         memory_at_batch_1(a, module, requests, loaded)
     del module, target, draft
     return rows
+
+
+def bench_batched(a, module: ExtractionModule, quant: str, requests, batch: int, path: str, kv_cache: str,
+                  costs: list[ModelCost]) -> dict:
+    """One row of `ExtractionModule.run` on batches of `batch` (after a warm-up batch of that shape)."""
+    module.run(requests[:batch])
+    with PhaseClock(module, a.device) as clock:
+        seconds, mem = timed(batched(module, requests, batch), a.device)
+    row = {"quant": quant, "path": path, "kv": kv_cache, "batch": batch, "rate": len(requests) / seconds,
+           "peak": mem.peak, "reserved": mem.reserved, "phases": {k: v / len(requests) for k, v in clock.seconds.items()},
+           **floor(costs, a.max_new_tokens, batch, a)}
+    print(f"  measured {quant} {path} kv_cache {kv_cache} batch {batch}: {row['rate']:.2f} samples/s, "
+          f"peak {mem.peak / 1e9:.2f} GB", flush=True)
+    return row
+
+
+def describe_graphs(module: ExtractionModule) -> str:
+    graphs = {b.role: getattr(b.batch_decoder, "attention", {}) for b in (module.target, module.draft)}
+    return "; ".join(f"{role} " + (", ".join(f"batch {k[0]}: {v}" for k, v in g.items()) or "none")
+                     for role, g in graphs.items())
 
 
 def memory_at_batch_1(a, module: ExtractionModule, requests, loaded: int) -> None:
@@ -383,13 +439,18 @@ def print_table(rows: list[dict], a) -> None:
     mem = "peak GB (alloc)" if a.device == "cuda" else "peak RSS rise MB"
     scale = 1e9 if a.device == "cuda" else 1e6
     head = ["quant", "path", "kv cache", "batch", "samples/s", "ms/sample", "inputs/target/draft ms", mem,
-            "speedup", "GFLOP/sample", "GB read/sample", "floor ms/sample", "floor samples/s", "% of floor"]
+            "speedup", "vs generate", "GFLOP/sample", "GB read/sample", "floor ms/sample", "floor samples/s",
+            "% of floor"]
     lines = [head]
     for r in rows:
         base = next(x for x in rows if x["quant"] == r["quant"] and x["path"] == "per-sample")
+        hf = next((x for x in rows if x["quant"] == r["quant"] and x["path"] == "transformers generate"
+                   and x["batch"] == r["batch"]), None)
         phases = "/".join(f"{1e3 * v:.0f}" for v in r["phases"].values()) if r["phases"] else "-"
+        vs = f"{r['rate'] / hf['rate']:.2f}x" if hf and r["batch"] > 1 else "-"
         lines.append([r["quant"], r["path"], r["kv"], str(r["batch"]), f"{r['rate']:.2f}", f"{1e3 / r['rate']:.1f}",
-                      phases, f"{r['peak'] / scale:.2f}", f"{r['rate'] / base['rate']:.1f}x", f"{r['flops'] / 1e9:.1f}",
+                      phases, f"{r['peak'] / scale:.2f}", f"{r['rate'] / base['rate']:.1f}x", vs,
+                      f"{r['flops'] / 1e9:.1f}",
                       f"{r['bytes'] / 1e9:.2f}", f"{r['seconds'] * 1e3:.3g}", f"{1 / r['seconds']:.3g}",
                       f"{100 * r['seconds'] * r['rate']:.2g}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -121,6 +121,8 @@ NULLABLE = {"limit": int, "clips": int, "max_new_tokens": int, "num_attention_he
             "num_key_value_heads": int, "intermediate_size": int, "temperature": float}
 # keys whose type is wider than their default's (Lightning takes "auto" or a list of devices)
 FLEXIBLE = {"trainer.devices"}
+# keys that also take a list of values of their default's type (evaluate's gamma: a table over gamma)
+LISTABLE = {"gamma"}
 _ABSENT = object()
 
 
@@ -272,6 +274,11 @@ def type_problem(key: str, given, default) -> str | None:
         return f"{key}=null: it is required and expects {expects(key)}" if default == "???" else None
     if given == "" and (name in PATH_KEYS or default == "???" or (isinstance(default, str) and default)):
         return f"{key}= is empty: it expects {expects(key)}"
+    from omegaconf import ListConfig
+
+    if name in LISTABLE and isinstance(given, ListConfig | list):
+        problems = [type_problem(key, g, default) for g in given] or [f"{key}=[]: it expects at least one value"]
+        return next((p for p in problems if p), None)
     kind = NULLABLE.get(name) if default is None else type(default)
     shown = "" if default is None or default == "???" else f" (default {default})"
     if kind is bool and not isinstance(given, bool):

@@ -143,6 +143,22 @@ def attention_choices() -> list:
     return [None, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def fastest_graph(step_with: Callable[[Any], Any], name: str, undo: Callable[[], None]
+                  ) -> tuple[Graph | None, str | None]:
+    """`step_with(backend)` captured with each attention kernel of `attention_choices` (None: PyTorch's
+    pick); -> (the graph whose replay is fastest, its kernel's name), or (None, None) when no capture holds
+    (a warning for the first kernel's failure: the caller runs eagerly)."""
+    best = (float("inf"), None, None)
+    for i, backend in enumerate(attention_choices()):
+        graph = capture(lambda b=backend: step_with(b), name, undo, warn=i == 0)
+        if graph is not None:
+            best = min(best, (replay_seconds(graph, undo), i, graph), key=lambda x: x[0])
+    if best[2] is None:
+        return None, None
+    backend = attention_choices()[best[1]]
+    return best[2], "default" if backend is None else backend.name.lower()
+
+
 def tree_map_clone(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.clone()
@@ -258,16 +274,11 @@ class StaticDecoder:
         """The graph of a width, captured with each attention kernel and kept with the fastest."""
         key = (width, layers)
         if key not in self.graphs:
-            ids, best, undo = self.ids[:width], (float("inf"), None, None), lambda: self.cache.crop(-width)
-            for i, backend in enumerate(attention_choices()):
-                graph = capture(lambda b=backend: self._step_with(b, ids, layers), f"the {width}-token forward",
-                                undo, warn=i == 0)
-                if graph is not None:
-                    best = min(best, (replay_seconds(graph, undo), i, graph), key=lambda x: x[0])
-            self.graphs[key] = best[2]
-            if best[2] is not None:
-                backend = attention_choices()[best[1]]
-                self.attention[key] = "default" if backend is None else backend.name.lower()
+            ids = self.ids[:width]
+            self.graphs[key], kernel = fastest_graph(lambda b: self._step_with(b, ids, layers),
+                                                     f"the {width}-token forward", lambda: self.cache.crop(-width))
+            if self.graphs[key] is not None:
+                self.attention[key] = kernel
         return self.graphs[key]
 
     def _step_with(self, backend, ids: Tensor, layers: tuple[int, ...]):

@@ -42,6 +42,7 @@ def store(tmp_path_factory):
     (["train", "store={store}", "out="], "out= is empty: it expects a path"),
     (["train", "store={store}", "out=run", "gamma=abc"], "Key 'gamma' is not in struct"),   # Hydra's own error
     (["extract", "out=new_store", "batch_size=abc"], "batch_size=abc: it expects an integer"),  # no partial store
+    (["evaluate", "store={store}", "drafter={store}", "out=rep", "gamma=[3,x]"], "gamma=x: it expects an integer"),
 ])
 def test_bad_command_line_values_are_one_line_and_create_nothing(store, tmp_path, args, expected):
     cwd = tmp_path / "cwd"

@@ -10,7 +10,6 @@ import pytest
 import torch
 from specalign.data.samples import Request
 from specalign.data.synth import synthesize
-from specalign.runtime import torch_threads
 from specalign.train import teach
 from specalign.train.teach import (
     TeachModule,
@@ -27,6 +26,8 @@ from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.hf_backend import left_pad
 from specalign.vlms.tiny import tiny_pair
 from specalign.vlms.video_llava_backend import VideoLlavaBackend
+
+from specalign.runtime import torch_threads
 
 CLIPS = 8   # 7 train clips, 1 test clip, no val clip (seed-independent split by clip id)
 FAST = {"durations": ["1s"], "clips": CLIPS, "epochs": 2, "val_clips": 1, "val_every": 1, "max_new_tokens": 8}

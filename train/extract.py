@@ -38,7 +38,7 @@ from specalign.data.samples import Request, requests_of
 from specalign.data.store import StoreWriter, drop_nonfinite, is_store, split_of
 from torch.utils.data import DataLoader, Dataset
 
-from specalign.errors import DataError, SpecalignError, SystematicFailure
+from specalign.errors import ConfigError, DataError, SpecalignError, SystematicFailure
 from specalign.io import claim_output
 from specalign.stage import hydra_stage
 
@@ -71,6 +71,9 @@ class ExtractionModule(L.LightningModule):
         self.ignore_eos = ignore_eos
         self.events = events or EventCheck()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no batch left
+
+    def use_fast_decode(self, cuda_graphs: bool | str = "auto", compile: bool | str = "auto") -> None:
+        use_fast_decode((self.target, self.draft), cuda_graphs, compile)
 
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -125,6 +128,23 @@ class ExtractionModule(L.LightningModule):
             if good:
                 tensors = {k: torch.cat([t[k] for t in good]) for k in good[0]}
             return {"rows": rows, "tensors": tensors, "errors": [e for res in results for e in res["errors"]]}
+
+
+def use_fast_decode(backends, cuda_graphs: bool | str = "auto", compile: bool | str = "auto") -> None:
+    """The backends decode through `vlms.batch_decode.BatchDecoder` (static KV cache only; the same tokens
+    and rows). "auto": on when the model is on a CUDA device (graphs, fused ops are CUDA-only)."""
+    for backend in backends:
+        on_cuda = backend.device.type == "cuda"
+        backend.use_batch_decoder(_switch(cuda_graphs, "decode.cuda_graphs", on_cuda),
+                                  _switch(compile, "decode.compile", on_cuda))
+
+
+def _switch(value, key: str, on_cuda: bool) -> bool:
+    if value == "auto":
+        return on_cuda
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected auto, true or false")
 
 
 def _reason(e: Exception) -> str:
@@ -272,6 +292,8 @@ def extract(cfg: DictConfig) -> Path | None:
                         callbacks=[SamplesPerSecond()])
     rank, world = trainer.global_rank, trainer.world_size  # known before the launcher starts the other ranks
     target, draft = build_backends(cfg.models, trainer.strategy.root_device)
+    if cfg.decode.fast:  # before out= is claimed: a decode.* the device refuses leaves nothing behind
+        use_fast_decode((target, draft), cfg.decode.cuda_graphs, cfg.decode.compile)
     claim_output(out, "extract", owned_if=is_store)   # the store's identity is its manifest (StoreWriter)
     writer = StoreWriter(out, store_manifest(target, draft, cfg), rank=rank)
     if rank == 0:  # the other ranks start inside trainer.predict, or write nothing before its setup barrier

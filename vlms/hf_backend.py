@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +202,7 @@ class HFBackend:
         self.path = str(path) if path is not None else None
         self.quant = quant
         self.engine = None   # what online decoding runs (a specdec.engine.StaticDecoder); None: the model itself
+        self.batch_decoder = None   # the decode steps of batched generation (`use_batch_decoder`); None: plain
         self.text_config = model.config.get_text_config()
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
@@ -280,7 +281,10 @@ class HFBackend:
             names = [f"h{i}" for i in sorted(set(capture_layers))] + ["final"]  # the order the hooks fire in
             return [[] for _ in batch.requests], {name: [empty] * len(batch.requests) for name in names}
         with capture_last_position(self.decoder, capture_layers) as steps:
-            responses, _ = self._greedy(batch, max_new_tokens, ignore_eos)
+            out, mask, positions = self._prefill(batch, max_new_tokens)           # row 0
+        responses, _, more = self._decode(out, mask, positions, max_new_tokens, ignore_eos, capture_layers)
+        for name, rows in more.items():                                           # rows 1.. of the decode steps
+            steps[name] += rows
         return responses, rows_of_steps(steps, [len(r) for r in responses])
 
     @torch.no_grad()
@@ -299,7 +303,7 @@ class HFBackend:
         self._check_layers(layers)
         with capture_last_position(self.decoder, layers) as first:
             out, mask, positions = self._prefill(batch, max(max_new_tokens, max(map(len, responses), default=0)))
-        own, cache = self._decode(out, mask, positions, max_new_tokens, ignore_eos)
+        own, cache, _ = self._decode(out, mask, positions, max_new_tokens, ignore_eos)
         n_rows = [len(r) for r in responses]
         feats = rows_of_steps(first, [min(n, 1) for n in n_rows])                  # row 0 (none if n_b = 0)
         tails = [list(r[:-1]) for r in responses]
@@ -333,10 +337,20 @@ class HFBackend:
         if bad:
             raise ValueError(f"layers {bad} out of range for {self.text_config.num_hidden_layers} decoder layers")
 
-    def _new_cache(self, max_len: int):
-        """An empty KV cache (`self.kv_cache`) for sequences of up to `max_len` (padded) positions."""
+    def use_batch_decoder(self, cuda_graphs: bool = False, compile: bool = False) -> None:
+        """Run batched generation's decode steps through `vlms.batch_decode.BatchDecoder` (a static cache,
+        CUDA graphs per batch size, fused ops) when the KV cache is "static"; the same tokens and rows."""
+        from specalign.vlms.batch_decode import BatchDecoder
+
+        self.batch_decoder = BatchDecoder(self.model, self.decoder, cuda_graphs, compile) \
+            if self.kv_cache == "static" else None
+
+    def _new_cache(self, max_len: int, batch: int = 1):
+        """An empty KV cache (`self.kv_cache`) for `batch` sequences of up to `max_len` (padded) positions."""
         from transformers import DynamicCache, StaticCache
 
+        if self.batch_decoder is not None:
+            return self.batch_decoder.new_cache(batch, max_len)
         if self.kv_cache == "dynamic":
             return DynamicCache(config=self.model.config)
         offload = self.kv_cache == "offloaded"
@@ -351,35 +365,48 @@ class HFBackend:
         inputs = dict(batch.inputs)
         mask = inputs.pop("attention_mask")
         positions = positions_from_mask(mask)
-        cache = self._new_cache(mask.shape[1] + max(max_new_tokens, 1))
+        cache = self._new_cache(mask.shape[1] + max(max_new_tokens, 1), mask.shape[0])
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return out, mask, positions
 
-    def _decode(self, out, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, ignore_eos: bool):
-        """Greedy steps after `_prefill`: (responses, the KV cache). Forward k (k = 0 the prefill) chooses
-        token k; the last chosen token is never fed."""
+    def _decode(self, out, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, ignore_eos: bool,
+                layers: Sequence[int] | None = None):
+        """Greedy steps after `_prefill`: (responses, the KV cache, rows). Forward k (k = 0 the prefill)
+        chooses token k; the last chosen token is never fed. With `layers`, rows {name: per decode step the
+        [B, H] rows of its input position} (as `capture_last_position`), else {}."""
         if max_new_tokens <= 0:
-            return [[] for _ in range(mask.shape[0])], out.cache
+            return [[] for _ in range(mask.shape[0])], out.cache, {}
+        if self.batch_decoder is not None:
+            tokens, rows = self.batch_decoder.decode(out.logits[:, -1], out.cache, mask, positions, max_new_tokens,
+                                                     None if ignore_eos else self.eos_id, layers)
+        else:
+            tokens, rows = self._plain_decode(out, mask, positions, max_new_tokens, ignore_eos, layers)
+        return (tokens if ignore_eos else [cut_after_eos(t, self.eos_id) for t in tokens]), out.cache, rows
+
+    def _plain_decode(self, out, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+                      ignore_eos: bool, layers: Sequence[int] | None):
+        """The decode loop of `_decode` through the model's own forward (any KV cache): (tokens, rows)."""
         steps, finished = [], torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-        for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)                                   # [B]
-            steps.append(token)
-            finished |= token == self.eos_id
-            if step + 1 == max_new_tokens or (finished.all() and not ignore_eos):
-                break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                             cache=out.cache, use_cache=True, logits_to_keep=1)
-        tokens = torch.stack(steps, dim=1).tolist()
-        return (tokens if ignore_eos else [cut_after_eos(t, self.eos_id) for t in tokens]), out.cache
+        keep = capture_last_position(self.decoder, layers) if layers is not None else nullcontext({})
+        with keep as rows:
+            for step in range(max_new_tokens):
+                token = out.logits[:, -1].argmax(-1)                               # [B]
+                steps.append(token)
+                finished |= token == self.eos_id
+                if step + 1 == max_new_tokens or (finished.all() and not ignore_eos):
+                    break
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                                 cache=out.cache, use_cache=True, logits_to_keep=1)
+        return torch.stack(steps, dim=1).tolist(), rows
 
     def _greedy(self, batch: Batch, max_new_tokens: int, ignore_eos: bool):
         if max_new_tokens <= 0:
             return [[] for _ in batch.requests], None
         out, mask, positions = self._prefill(batch, max_new_tokens)
-        return self._decode(out, mask, positions, max_new_tokens, ignore_eos)
+        return self._decode(out, mask, positions, max_new_tokens, ignore_eos)[:2]
 
     @torch.no_grad()
     def teacher_forced(self, batch: Batch, responses: list[list[int]], layers: list[int]
