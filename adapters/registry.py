@@ -97,6 +97,7 @@ class OnlineInputs:
 
     request: str | None = None              # the engine's per-sequence request: DRAFT_RESPONSE, DRAFT_PREFILL
     hidden_layers: Sequence[int] = ()       # target hidden states (hidden_states indices) it reads
+    schedule: str | None = None             # when EventGPT's response is read: specdec/schedule.py (None: never)
 
     def begin(self, context) -> None:
         """Once per sequence, after the target prefill (`specdec.online.DraftContext`)."""
@@ -159,6 +160,12 @@ class DrafterType:
     def notes(self, model: nn.Module, name: str, mode: str) -> list[str]:
         """Lines for a report (mode: offline | online) that shows the drafter as `name`."""
         return []
+
+    def schedule(self, model: nn.Module, **options) -> str | None:
+        """The draft schedule the drafter (with the options of a variant) assumes, `sequential` or `concurrent`
+        (specdec/schedule.py), or None when it reads no EventGPT response. Under `concurrent` its chains depend
+        on gamma (`chain_runs(batch, depth)` holds for gamma = depth only)."""
+        return None
 
     def online_inputs(self, model: nn.Module, draft_model: nn.Module, **options) -> OnlineInputs:
         """A fresh per-sequence reader of its inputs for the online engine (draft_model: EventGPT)."""

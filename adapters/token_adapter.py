@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,18 @@ from specalign.adapters.registry import (
     stacked,
 )
 from specalign.specdec.metrics import match_runs
+from specalign.specdec.schedule import (
+    CONCURRENT,
+    DRAFT_SCHEDULES,
+    SEQUENTIAL,
+    StreamCosts,
+    visible_length,
+    visible_lengths,
+)
 from specalign.train.modules import DrafterModule, lengths_mask, masked_mean, topk_metrics
 from torch import Tensor, nn
+
+from specalign.errors import SpecalignError
 
 COPY_GATE_BIAS = -6.0
 
@@ -65,6 +75,24 @@ class TokenAdapterConfig:
     condition_on_draft: bool = True
     draft_dropout: float = 0.5     # training only: drop the whole draft segment of a sample
     copy: bool = True              # pointer over draft tokens (needs condition_on_draft)
+    draft_schedule: str = "full"   # full: the whole draft from round 0; streaming: what exists at each round
+    stream_costs: dict = field(default_factory=dict)   # specdec/schedule.StreamCosts keys (default: H200)
+    stream_max_tau: float = 6.0    # streaming training: tokens per round drawn per sample from [1, this]
+
+    def __post_init__(self):
+        self.stream_costs = {k: v for k, v in (self.stream_costs or {}).items()}   # a plain dict (from a DictConfig)
+        if self.draft_schedule not in DRAFT_SCHEDULES:
+            raise SpecalignError(f"adapter.draft_schedule must be one of {sorted(DRAFT_SCHEDULES)}, got "
+                                 f"{self.draft_schedule!r}")
+        if self.stream_max_tau < 1:
+            raise SpecalignError(f"adapter.stream_max_tau must be at least 1 (a round adds a token), got "
+                                 f"{self.stream_max_tau}")
+        StreamCosts.from_dict(self.stream_costs)                 # a bad key stops here, before training
+
+    @property
+    def schedule(self) -> str | None:
+        """The draft schedule it assumes (specdec/schedule.py); None without the draft."""
+        return DRAFT_SCHEDULES[self.draft_schedule] if self.condition_on_draft else None
 
     @property
     def sep_id(self) -> int:
@@ -84,7 +112,7 @@ class DraftMemory:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, nh, m, hd]
     hidden: torch.Tensor                        # [B, m, d] final draft states (pointer keys)
-    mask: torch.Tensor                          # [B, m] bool, keys that may be attended
+    mask: torch.Tensor                          # [B, m] bool, keys that may be attended; [B, T, m] per query
     tokens: torch.Tensor                        # [B, m] draft token ids
 
 
@@ -123,8 +151,8 @@ class Block(nn.Module):
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, is_causal=past is None)
         if draft_kv is not None:
-            mask = draft_mask[:, None, None, :]                                   # [B, 1, 1, m]
-            gate = gate.view(-1, 1, 1, 1).to(a.dtype)                             # has_draft is float32
+            mask = draft_mask[:, None, None, :] if draft_mask.dim() == 2 else draft_mask[:, None]  # [B, 1, 1|T, m]
+            gate = gate.view(gate.shape[0], 1, -1, 1).to(a.dtype)                 # [B] | [B, T] -> [B, 1, 1|T, 1]
             a = a + gate * F.scaled_dot_product_attention(q, *draft_kv, attn_mask=mask)
         return self._finish(xt, a), (k, v)
 
@@ -193,11 +221,12 @@ class TokenAdapter(nn.Module):
             return lp
         B, T, _ = h.shape
         scores = self.copy_q(h) @ self.copy_k(memory.hidden).transpose(1, 2) / math.sqrt(h.shape[-1])
-        attn = scores.float().masked_fill(~memory.mask[:, None, :], float("-inf")).softmax(-1)  # [B, T, m]
+        mask = memory.mask if memory.mask.dim() == 3 else memory.mask[:, None, :]                # [B, 1|T, m]
+        attn = scores.float().masked_fill(~mask, float("-inf")).softmax(-1)                      # [B, T, m]
         index = memory.tokens[:, None, :].expand(B, T, -1)
         p_copy = torch.zeros_like(lp).scatter_add_(2, index, attn)                               # [B, T, V]
         z = self.copy_gate(h).float()                                                             # [B, T, 1]
-        on = has_draft.bool()[:, None, None]
+        on = has_draft.bool()[:, :, None] if has_draft.dim() == 2 else has_draft.bool()[:, None, None]
         log_lam = F.logsigmoid(z).masked_fill(~on, float("-inf"))
         log_keep = F.logsigmoid(-z).masked_fill(~on, 0.0)
         return torch.logaddexp(log_keep + lp, log_lam + p_copy.clamp_min(1e-30).log())
@@ -213,13 +242,22 @@ class TokenAdapter(nn.Module):
         has = (draft_len > 0) if keep is None else (draft_len > 0) & keep
         return self.encode_draft(draft, draft_len), has.float()
 
-    def logits(self, draft, draft_len, target, keep=None):
+    def logits(self, draft, draft_len, target, keep=None, visible=None):
         """Teacher-forced, batched (training and validation).
 
         draft [B, m] right padded, draft_len [B], target [B, n] right padded (r_0..r_{n-1}),
         keep [B] bool: which samples keep their draft (None: all).
+        visible [B, n] long (optional): how many draft tokens position j sees (a streaming draft, per query).
         Returns log-probabilities [B, n, V]; position j predicts r_j."""
-        memory, has = self._memory(draft, draft_len, keep)
+        return self._teacher_forced(*self._memory(draft, draft_len, keep), target, visible)
+
+    def _teacher_forced(self, memory, has, target, visible=None):
+        """`logits` on an encoded draft. The draft segment is causal, so its first L keys are exactly the
+        encoding of the draft cut to L tokens: a per-query mask over the whole draft is that cut, row by row."""
+        if memory is not None and visible is not None:
+            keys = torch.arange(memory.mask.shape[1], device=target.device)
+            mask = memory.mask[:, None, :] & (keys < visible[..., None]) | (keys == 0)   # [B, n, m]
+            memory, has = replace(memory, mask=mask), has[:, None] * (visible > 0)         # has [B, n]
         sep = target.new_full((target.shape[0], 1), self.config.sep_id)
         ids = torch.cat([sep, target[:, :-1]], 1)                       # [SEP, r_0 .. r_{n-2}]
         h, _ = self._decode(ids, 0, memory, has)
@@ -261,7 +299,10 @@ class TokenAdapter(nn.Module):
         """Proposals depend on the prefix only (and the fixed draft): inside a round, proposal k counts only
         if proposals 0..k-1 were accepted, i.e. equal to r[p..p+k-1], and then its input is exactly the
         target prefix r[:p+k]. So the greedy proposal at position j is the teacher-forced argmax after
-        r[:j], and one pass gives every round. Positions past max_len propose nothing (see `propose`)."""
+        r[:j], and one pass gives every round. Positions past max_len propose nothing (see `propose`).
+        A streaming draft is not fixed: see `streaming_runs` (its runs hold for gamma = depth only)."""
+        if self.streams(batch):
+            return self.streaming_runs(batch, depth)
         target = batch["target"]                                                     # [B, n]
         hit = self.next_logprobs(batch).argmax(-1) == target
         hit &= torch.arange(target.shape[1], device=target.device) < batch["target_len"][:, None]
@@ -294,6 +335,53 @@ class TokenAdapter(nn.Module):
         h, _ = self._decode(ids, 0, memory, has)
         return self._logprobs(h[:, -1:], memory, has)[:, -1]                                          # [P, V]
 
+    # ---- the streaming draft (specdec/schedule.py)
+    @property
+    def stream_costs(self) -> StreamCosts:
+        return StreamCosts.from_dict(self.config.stream_costs)
+
+    def streams(self, batch: dict) -> bool:
+        """Whether the batch's drafts are read as they stream in (the concurrent schedule, a draft kept)."""
+        keep = batch.get("keep")
+        return self.config.schedule == CONCURRENT and (keep is None or bool(keep.any()))
+
+    def sampled_visible(self, target: Tensor, train: bool) -> Tensor:
+        """Streaming training: per sample a rate u of tokens per round, uniform in [1, stream_max_tau] (its mean
+        in validation); position j is taken to be in round floor(j / u) and sees the draft tokens the schedule
+        gives that round. target [B, n] -> visible [B, n]."""
+        B, n = target.shape
+        hi = self.config.stream_max_tau
+        u = 1 + (hi - 1) * (torch.rand(B, 1, device=target.device) if train
+                            else torch.full((B, 1), 0.5, device=target.device))
+        rounds = (torch.arange(n, device=target.device) / u).floor().long()                  # [B, n]
+        return visible_lengths(self.stream_costs, rounds)
+
+    @torch.no_grad()
+    def streaming_runs(self, batch: dict, gamma: int) -> ChainRuns:
+        """Greedy chains at `gamma` under the concurrent schedule, exactly. A position is proposed in one round
+        only (the round it falls in: proposals stop at the first miss, the next round starts after the bonus),
+        and sees the draft tokens of that round's index, which depends on the earlier rounds. So: guess each
+        position's round, score every position at once with that per-query cut (`_teacher_forced`), walk the
+        rounds, and repeat with the walked rounds until they agree. The rounds before the first wrong guess are
+        exact, so each pass fixes at least one more position: at most n + 1 passes, a few in practice."""
+        from specalign.specdec.schedule import round_of_position
+
+        target, length = batch["target"], batch["target_len"]
+        B, n = target.shape
+        pos = torch.arange(n, device=target.device)
+        valid, cap = pos < length[:, None], (self.config.max_len - pos).clamp_min(0).expand_as(target)
+        memory, has = self._memory(batch["draft"], batch["draft_len"], batch.get("keep"))
+        rounds, costs = pos.expand(B, n), self.stream_costs                  # first guess: a token per round
+        for passes in range(1, n + 2):
+            lp = self._teacher_forced(memory, has, target, visible_lengths(costs, rounds))
+            run = match_runs((lp.argmax(-1) == target) & valid)
+            walked = round_of_position(run, cap, length, gamma)
+            if torch.equal(walked, rounds):
+                break
+            rounds = walked
+        self.streaming_passes = passes                                       # read by tests and benchmarks
+        return ChainRuns(run, cap, length)
+
 
 def _init(m: nn.Module) -> None:
     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -315,7 +403,8 @@ class TokenAdapterModule(DrafterModule):
         keep = None
         if train and c.condition_on_draft:
             keep = torch.rand(target.shape[0], device=target.device) >= c.draft_dropout
-        lp = self.model.logits(batch["draft"], batch["draft_len"], target, keep)   # [B, n, V]
+        visible = self.model.sampled_visible(target, train) if c.schedule == CONCURRENT else None
+        lp = self.model.logits(batch["draft"], batch["draft_len"], target, keep, visible)   # [B, n, V]
         mask = lengths_mask(batch["target_len"], target.shape[1])
         nll = -lp.gather(-1, target[..., None])[..., 0]                            # [B, n]
         return {"loss": masked_mean(nll, mask), **topk_metrics(lp, target, mask)}
@@ -323,18 +412,29 @@ class TokenAdapterModule(DrafterModule):
 
 class DraftResponse(OnlineInputs):
     """Online, the TokenAdapter reads the draft model's free-running response (the engine's request);
-    keep_draft=False: nothing, the trained model without its draft."""
+    keep_draft=False: nothing, the trained model without its draft. With `costs` (the concurrent schedule)
+    round i sees only the tokens the schedule says exist then (the response is still generated up front
+    here; the schedule decides what is visible), so online equals the offline walk round by round."""
 
-    def __init__(self, keep_draft: bool = True):
+    def __init__(self, keep_draft: bool = True, costs: StreamCosts | None = None):
         self.keep_draft = keep_draft
         self.request = DRAFT_RESPONSE if keep_draft else None
+        self.costs = costs if keep_draft else None
+        self.schedule = (SEQUENTIAL if costs is None else CONCURRENT) if keep_draft else None
         self.draft: list[int] = []
+        self.round = 0
 
     def begin(self, context) -> None:
         self.draft = [int(t) for t in context.request] if self.keep_draft else []
+        self.round = 0
 
     def context(self, accepted: list[int]) -> list[int]:
-        return self.draft
+        if self.costs is None:
+            return self.draft
+        return self.draft[: visible_length(self.costs, self.round)]
+
+    def observe(self, accepted_tokens: list[int], hidden) -> None:
+        self.round += 1
 
 
 @register
@@ -354,7 +454,19 @@ class TokenAdapterType(DrafterType):
             "dropout); pass no_draft=DIR for a separately trained ablation."))}
 
     def online_inputs(self, model, draft_model, keep_draft: bool = True):
-        return DraftResponse(keep_draft)
+        return DraftResponse(keep_draft, model.stream_costs if model.config.schedule == CONCURRENT else None)
+
+    def schedule(self, model, keep_draft: bool = True):
+        return model.config.schedule if keep_draft else None
+
+    def notes(self, model, name, mode):
+        if model.config.schedule != CONCURRENT:
+            return []
+        c = model.stream_costs
+        return [(f"'{name}' reads EventGPT's response as it streams in beside the target (the concurrent schedule, "
+                f"specdec/schedule.py): a round every {1e3 * c.round_period_s:.3g} ms from {1e3 * c.target_prefill_s:.3g} "
+                f"ms on sees the tokens EventGPT has made by then ({1e3 * c.draft_prefill_s:.3g} ms prefill, then one "
+                f"every {1e3 * c.draft_step_s:.3g} ms); the expected acceptance under sampling reads its whole response.")]
 
     def static_proposer(self, model, cuda_graphs, compile):
         from specalign.specdec.fast_drafters import TokenAdapterProposer

@@ -62,11 +62,16 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
         raise SpecalignError(f"{store_path}: split '{split}' has no rows (splits: {store.manifest['counts']['splits']})")
     drafters, tree = report_drafters(drafter, no_draft, "offline"), tree or TreeSpec()
     check_tree_drafters(drafters, tree)
-    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters}
+    group = lambda r: r.duration
+    streaming = {d.name for d in drafters if offline.runs_per_gamma(d)}
+    runs = {d.name: offline.drafter_runs(d, store, rows, max(gammas)) for d in drafters if d.name not in streaming}
     runs |= offline.baseline_runs(store, rows)
-    rounds = {name: {} for name in runs}
-    tables = {name: offline.acceptances(rows, per_row, gammas, group=lambda r: r.duration, rounds_out=rounds[name])
+    rounds = {name: {} for name in [*streaming, *runs]}
+    tables = {name: offline.acceptances(rows, per_row, gammas, group=group, rounds_out=rounds[name])
               for name, per_row in runs.items()}
+    tables |= {d.name: offline.streaming_acceptances(d, store, rows, gammas, group, rounds[d.name])
+               for d in drafters if d.name in streaming}
+    tables = {name: tables[name] for name in rounds}      # the report's order: its drafters, then the baselines
     tree_report = tree_tables(drafters, store, rows, gammas, tree, tables, rounds) if tree.on else None
     results = {name: {str(g): a.summary() for g, a in t["all"].items()} for name, t in tables.items()}
     durations = sorted({r.duration for r in rows if r.duration})
@@ -82,6 +87,7 @@ def evaluate_offline(store_path, split: str, gammas: list[int], drafter: str | N
               "rounds_trace": {name: rounds_trace(r) for name, r in rounds.items()}}
     if tree_report:
         report["tree"] = tree_report
+    report["projected_by_schedule"] = offline.schedule_section(drafters, rows, results, gammas)
     if temperature and store.has_hidden:
         report["sampling"] = {d.name: {"temperature": temperature, "expected_alpha": offline.expected_sampling_acceptance(
             store, rows, offline.drafter_logprobs(d, store), temperature)} for d in drafters}

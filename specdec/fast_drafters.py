@@ -108,8 +108,10 @@ class TokenAdapterProposer(_Proposer):
 
     @torch.inference_mode()
     def propose(self, draft: Sequence[int] | None, prefix: Sequence[int], gamma: int) -> list[int]:
-        """The request's draft was encoded by `begin` (`draft` is the same response)."""
+        """The request's draft was encoded by `begin`; a streaming draft that grew since is encoded again."""
         c, p = self.model.config, len(prefix)
+        if [int(t) for t in (draft or [])][: c.max_len] != self.draft:
+            self.set_draft(draft or [])
         gamma = min(gamma, c.max_len - p)
         if gamma <= 0:
             return []

@@ -28,6 +28,7 @@ from specalign.specdec.metrics import (
     token_runs,
 )
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT, STORED
+from specalign.specdec.schedule import CONCURRENT, e2e_speedup
 from specalign.specdec.tree import TreeSpec, grow, round_counts
 
 Runs = tuple[list[int], list[int]]      # run [n], cap [n] of one response
@@ -170,3 +171,40 @@ def round_tables(rows: Sequence[Row], rounds: dict[int, list[list[Round]]],
             for k in {"all"} | ({group(row)} if group and group(row) else set()):
                 tables.setdefault(k, {}).setdefault(g, Acceptance(g)).add_sample(row_rounds)
     return tables
+# ------------------------------------------------------------------------------ draft schedules (specdec/schedule.py)
+
+def runs_per_gamma(d: ReportDrafter) -> bool:
+    """A drafter reading EventGPT's response as it streams in: which tokens a round sees depends on the round
+    index, so its chains differ per gamma."""
+    return d.kind.schedule(d.model, **d.options) == CONCURRENT
+
+
+def streaming_acceptances(d: ReportDrafter, store: FeatureStore, rows: Sequence[Row], gammas: Sequence[int],
+                          group: Callable[[Row], str | None] | None = None,
+                          rounds_out: dict[int, list] | None = None) -> dict[str, dict[int, Acceptance]]:
+    """`acceptances` of a streaming drafter: its runs computed per gamma (the exact walk of each)."""
+    tables: dict[str, dict[int, Acceptance]] = {}
+    for g in gammas:
+        for key, per_gamma in acceptances(rows, drafter_runs(d, store, rows, g), [g], group, rounds_out).items():
+            tables.setdefault(key, {})[g] = per_gamma[g]
+    return tables
+
+
+def schedule_section(drafters: Sequence[ReportDrafter], rows: Sequence[Row], results: dict,
+                     gammas: Sequence[int]) -> dict:
+    """name -> the draft schedule each report drafter assumes (sequential | concurrent | none) and its projected
+    end-to-end speedup under it (specdec/schedule.e2e_speedup) from the costs the report's first such drafter
+    was trained for (its `stream_costs`, one set for the whole table), over the rows' mean response and draft lengths."""
+    drafters = [d for d in drafters if hasattr(d.model, "stream_costs")]     # drafters with a draft schedule
+    if not drafters or not rows:
+        return {}
+    costs = drafters[0].model.stream_costs
+    n = sum(len(r.target_tokens) for r in rows) / len(rows)
+    m = sum(len(r.draft_tokens) for r in rows) / len(rows)
+    out = {}
+    for d in drafters:
+        schedule = d.kind.schedule(d.model, **d.options)
+        out[d.name] = {"schedule": schedule or "none", "costs": costs.to_dict(), "mean_tokens": n, "mean_draft": m,
+                       "projected_e2e": {str(g): e2e_speedup(results[d.name][str(g)]["tau"], n, costs, schedule, m)
+                                         for g in gammas if results[d.name][str(g)]["tau"] > 0}}
+    return out

@@ -68,6 +68,7 @@ from specalign.specdec.online import (
 from specalign.specdec.online_drafters import OnlineDrafter
 from specalign.specdec.replay import rounds_trace
 from specalign.specdec.report import DRAFT_MODEL, RAW_DRAFT
+from specalign.specdec.schedule import CONCURRENT, SEQUENTIAL
 from specalign.specdec.tree import TREE_SUFFIX, TreeSpec, check_tree_drafter, tree_notes, tree_spec
 from torch import Tensor
 
@@ -103,11 +104,13 @@ class Entry:
     hidden_layers: Sequence[int] = ()
     runs: dict[int, list[OnlineResult]] = field(default_factory=dict)
     tree: TreeSpec | None = None          # draft trees (specdec/tree.py) instead of chains
+    schedule: str | None = None           # when it reads EventGPT's response (specdec/schedule.py); None: never
 
     @property
     def reads_draft_response(self) -> bool:
-        """Its input, EventGPT's response, is generated before the run (part of its setup cost)."""
-        return self.request == DRAFT_RESPONSE
+        """Its input, EventGPT's response, is generated before the run (part of its setup cost), unless it
+        streams in beside the target (the concurrent schedule: EventGPT on its own device, nothing up front)."""
+        return self.request == DRAFT_RESPONSE and self.schedule != CONCURRENT
 
     def request_of(self, p: Prepared) -> Any:
         return REQUESTS[self.request](p)
@@ -168,7 +171,7 @@ def prepare(target, draft, row: Row, request: Request, max_new_tokens: int, eos:
 # ----------------------------------------------------------------------------- drafters
 
 def baseline_entries(draft) -> dict[str, Entry]:
-    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE),
+    return {RAW_DRAFT: Entry(TokenListDrafter(), DRAFT_RESPONSE, schedule=SEQUENTIAL),
             DRAFT_MODEL: Entry(ModelDrafter(engine_of(draft)), DRAFT_PREFILL)}
 
 
@@ -185,7 +188,7 @@ def all_entries(cfg: DictConfig, target, draft, tree: TreeSpec | None = None) ->
         inputs = partial(d.kind.online_inputs, d.model, engine_of(draft), **d.options)
         fast = d.kind.static_proposer(d.model, static.cuda_graphs, static.compile) if static else None
         drafter = OnlineDrafter(d.model, inputs, static=fast)
-        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers)
+        entries[d.name] = Entry(drafter, drafter.request, drafter.hidden_layers, schedule=drafter.inputs.schedule)
         if tree.on:     # the same drafter growing trees, eagerly, beside its chain
             eager = OnlineDrafter(d.model, inputs)
             entries[d.name + TREE_SUFFIX] = Entry(eager, eager.request, eager.hidden_layers, tree=tree)
@@ -409,7 +412,8 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
               "store_identity": {k: runs.store.manifest.get(k) for k in ("kind", "target", "draft", "layers")},
               "drafter": cfg.drafter, "no_draft": cfg.no_draft, "sample_keys": [p.row.key for p in prepared],
               "results": by["results"], "costs": {"target": target, "draft": draft, "drafters": by["costs"]},
-              "speedup": by["speedup"], "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
+              "speedup": by["speedup"], "schedules": {name: e.schedule or "none" for name, e in runs.entries.items()},
+              "prefill_hiding": prefill_hiding(prepared, draft["decode_s"]),
               "checks": checks, "notes": runs.notes + check_notes(checks),
               "rounds_trace": {name: rounds_trace({g: [run.rounds for run in e.runs[g]] for g in sorted(e.runs)})
                                for name, e in runs.entries.items()}}

@@ -7,11 +7,14 @@ Structure of report.json:
      "sampling": {name: {"temperature": T, "expected_alpha": x}},   # optional
      "rounds_trace": {name: {"<gamma>": [[accepted draft tokens of each round] per request]}},
      "tree": {budget, topk, width: {"<name>+tree": {"<gamma>": mean nodes per round}}},   # tree.budget > 0
+     # offline, drafters with a draft schedule (specdec/schedule.py): the end-to-end speedup it projects
+     "projected_by_schedule": {name: {schedule, costs, mean_tokens, mean_draft, projected_e2e: {"<gamma>": x}}},
      # online mode (specdec/online_eval.py):
      "costs": {"target": {prefill_s, decode_s, tokens_per_s, verify_s: {"<gamma>": s}},
                "draft": {prefill_s, decode_s, tokens_per_s},
                "drafters": {name: {"<gamma>": {setup_s, round_s, step_s, tokens_per_s}}}},
      "speedup": {name: {"<gamma>": {projected, projected_e2e, wall_clock}}},
+     "schedules": {name: "sequential" | "concurrent" | "none"},   # when it reads EventGPT's response
      "prefill_hiding": {gap_s, draft_step_s, tokens_fit, accepted, fit_total, accepted_total, accept_rate},
      "checks": {requests, target_greedy_equals_store, draft_greedy_equals_store,
                 online_equals_target_greedy: {name: {"<gamma>": count}}},
@@ -88,7 +91,9 @@ def markdown_table(report: dict) -> str:
     if report.get("costs"):
         lines += cost_tables(report["costs"])
     if report.get("speedup"):
-        lines += speedup_table(report["speedup"])
+        lines += speedup_table(report["speedup"], report.get("schedules") or {})
+    if report.get("projected_by_schedule"):
+        lines += schedule_table(report["projected_by_schedule"])
     if report.get("prefill_hiding"):
         lines += prefill_hiding_lines(report["prefill_hiding"])
     if report.get("notes"):
@@ -141,16 +146,35 @@ def cost_tables(costs: dict) -> list[str]:
     return lines
 
 
-def speedup_table(speedup: dict) -> list[str]:
+def speedup_table(speedup: dict, schedules: dict | None = None) -> list[str]:
     lines = ["", ("Speedup over plain target decoding: projected = τ·t_decode / (t_verify(γ) + t_round); end to "
-                  "end adds the target prefill and the drafter's setup over the mean response; wall clock is measured."),
+                  "end adds the target prefill and the drafter's setup over the mean response; wall clock is measured. "
+                  "Schedule: when a drafter reads EventGPT's response (sequential: generated before the target "
+                  "starts, paid in its setup; concurrent: streamed in beside the target, each round sees what exists, "
+                  "nothing paid up front; none: reads none)."),
              "",
-             "| drafter | γ | projected | projected end to end | wall clock |", "|---|---|---|---|---|"]
+             "| drafter | schedule | γ | projected | projected end to end | wall clock |", "|---|---|---|---|---|---|"]
     for name, per_gamma in speedup.items():
         for g, s in per_gamma.items():
             cells = [_num(s[k], ".2f") + ("x" if s[k] is not None else "")
                      for k in ("projected", "projected_e2e", "wall_clock")]
-            lines.append(f"| {name} | {g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {(schedules or {}).get(name, '–')} | {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def schedule_table(by_schedule: dict) -> list[str]:
+    """Offline: each drafter's draft schedule and the end-to-end speedup it projects under it."""
+    first = next(iter(by_schedule.values()))
+    costs = ", ".join(f"{k[:-2]} {v * 1e3:.3g} ms" for k, v in first["costs"].items())
+    gammas = list(first["projected_e2e"])
+    lines = ["", ("Projected end-to-end speedup under each drafter's draft schedule (docs/design.md §10; sequential "
+                  "pays EventGPT's whole response up front, concurrent nothing), over mean responses of "
+                  f"{first['mean_tokens']:.1f} tokens and drafts of {first['mean_draft']:.1f}, at the costs {costs}:"),
+             "", "| drafter | schedule | " + " | ".join(f"end to end (γ={g})" for g in gammas) + " |",
+             "|---|---|" + "---|" * len(gammas)]
+    for name, s in by_schedule.items():
+        cells = [_num(s["projected_e2e"].get(g), ".2f") + "x" for g in gammas]
+        lines.append(f"| {name} | {s['schedule']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -94,6 +94,10 @@ def check_tree_drafter(model, name: str, spec: TreeSpec) -> None:
         raise SpecalignError(f"tree.budget={spec.budget}: '{name}' has no next-token distribution to grow a tree "
                              "from (raw_draft and token lists propose fixed tokens); give a trained drafter= or set "
                              "tree.budget=0")
+    if spec.on and getattr(getattr(model, "config", None), "draft_schedule", "full") == "streaming":
+        raise SpecalignError(f"tree.budget={spec.budget}: '{name}' reads EventGPT's answer as it streams in "
+                             "(adapter.draft_schedule=streaming) and trees are scored on a fixed context; evaluate it "
+                             "with tree.budget=0")
 
 
 @dataclass

@@ -29,6 +29,10 @@ def test_summary_table_has_every_drafter_and_baseline(quick_run):
     assert "acceptance on the test split" in stdout
     for what in ("store", "runs", "drafters", "reports", "curves"):
         assert os.path.exists(summary["where"][what])
+    rows = {r["drafter"]: r for r in summary["rows"]}       # each TokenAdapter row states its draft schedule
+    assert rows["token_adapter"]["schedule"] == "sequential" and rows["token_adapter_stream"]["schedule"] == "concurrent"
+    assert rows["token_adapter_stream (no_draft)"]["schedule"] == "none"
+    assert rows["token_adapter_stream"]["e2e"] > rows["token_adapter"]["e2e"]   # nothing paid up front
     for run in ("token_adapter", "token_adapter_no_draft", "eagle3_target", "eagle3_draft", "eagle3_both"):
         assert (out / "runs" / run / "curves.png").stat().st_size > 0
         assert (out / "drafters" / run / "model.safetensors").exists()

@@ -176,21 +176,25 @@ def summary_rows(reports: dict[str, dict], gamma: int) -> list[dict]:
                 continue
             s = per_gamma[str(gamma)]
             width = report.get("tree", {}).get("width", {}).get(name, {}).get(str(gamma), gamma)
+            sched = (report.get("projected_by_schedule") or {}).get(name) or {}
             rows.append({"drafter": key, "baseline": is_baseline(name), "tau": s["tau"], "alpha": s["alpha"],
-                         "rounds": s["rounds"], "samples": s["samples"], "width": width})
+                         "rounds": s["rounds"], "samples": s["samples"], "width": width,
+                         "schedule": sched.get("schedule"), "e2e": (sched.get("projected_e2e") or {}).get(str(gamma))})
     return sorted(rows, key=lambda r: (r["baseline"], -r["tau"]))
 
 
 def print_summary(rows: list[dict], online: dict, gamma: int, where: dict[str, Path], n_online: int) -> str:
     table = Table(title=f"acceptance on the test split, γ={gamma} (offline, exact)")
     online_col = f"online τ ({n_online} req.)"
-    for col in ("drafter", "τ", "α", "rounds", "width", online_col):
-        table.add_column(col, justify="left" if col == "drafter" else "right")
-    md = [f"| drafter | τ (γ={gamma}) | α | rounds | width | {online_col} |", "|---|---|---|---|---|---|"]
+    for col in ("drafter", "τ", "α", "rounds", "width", online_col, "schedule", "e2e (projected)"):
+        table.add_column(col, justify="left" if col in ("drafter", "schedule") else "right")
+    md = [f"| drafter | τ (γ={gamma}) | α | rounds | width | {online_col} | schedule | end to end (projected) |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         on = online.get(r["drafter"])
         cells = [r["drafter"], f"{r['tau']:.3f}", f"{r['alpha']:.3f}", str(r["rounds"]), f"{r['width']:.3g}",
-                 "" if on is None else f"{on:.3f}"]
+                 "" if on is None else f"{on:.3f}", r.get("schedule") or "",
+                 "" if r.get("e2e") is None else f"{r['e2e']:.2f}x"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     console.print(table)
