@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_stage(stage: str) -> None:
-    """Import the stage's module and call its Hydra `main` on the current sys.argv."""
+    """Run the stage's Hydra app on the current sys.argv; its module (and torch with it) is imported only after
+    the command line has passed the stage's checks, so that a mistyped value fails in a second."""
+    from specalign.stage import stage_app
+
+    stage_app(stage, lambda: stage_function(stage))()
+
+
+def stage_function(stage: str):
+    """The plain function `fn(cfg)` behind the stage's `main` (`hydra_stage`)."""
     module_name = STAGES[stage][0]
     try:
         module = importlib.import_module(module_name)
@@ -60,7 +68,8 @@ def run_stage(stage: str) -> None:
                   file=sys.stderr)
             raise SystemExit(2) from None
         raise
-    module.main()
+    return module.main.run
+
 
 if __name__ == "__main__":
     main()

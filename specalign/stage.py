@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from specalign.errors import ConfigError, SpecalignError
 from specalign.paths import CONF_DIR
@@ -34,34 +35,43 @@ except ImportError:  # pragma: no cover -- hydra is a dependency; this keeps the
 
 
 def hydra_stage(config_name: str) -> Callable:
+    """Decorator: `fn(cfg)` becomes the stage's `main()`, a Hydra app over conf/<config_name>.yaml (`fn` stays
+    reachable as `main.run`, for tests and for the pipeline)."""
     def wrap(fn: Callable) -> Callable:
-        import hydra
-
-        @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
-        def app(cfg):
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-
-            try:
-                hc = HydraConfig.get()
-                if hc.mode == RunMode.MULTIRUN:    # a sweep's values are known per job only
-                    check_config(cfg, hc, config_name)
-                return fn(cfg)
-            except Exception as e:  # noqa: BLE001 -- reported here, before Hydra adds its own line
-                fail(user_error(e) or e)
-
-        @functools.wraps(fn)
-        def main():
-            os.environ["HYDRA_FULL_ERROR"] = "1"   # Hydra raises its errors, they are reported below
-            try:
-                return app()
-            except Exception as e:  # noqa: BLE001 -- what is not the user's to act on is raised again
-                fail(user_error(e) or e)
-
-        main.run = fn  # the plain function, for tests and for the pipeline
+        main = functools.wraps(fn)(stage_app(config_name, lambda: fn))
+        main.run = fn
         return main
 
     return wrap
+
+
+def stage_app(config_name: str, task: Callable[[], Callable]) -> Callable[[], Any]:
+    """The Hydra app of a stage: its config composed and checked (StageCheck, before anything is written), then
+    `task()(cfg)`. `task` is called only then, so the `specalign` command imports a stage's module (torch,
+    Lightning: seconds) only once its command line has passed the checks."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            hc = HydraConfig.get()
+            if hc.mode == RunMode.MULTIRUN:    # a sweep's values are known per job only
+                check_config(cfg, hc, config_name)
+            return task()(cfg)
+        except Exception as e:  # noqa: BLE001 -- reported here, before Hydra adds its own line
+            fail(user_error(e) or e)
+
+    def main():
+        os.environ["HYDRA_FULL_ERROR"] = "1"   # Hydra raises its errors, they are reported below
+        try:
+            return app()
+        except Exception as e:  # noqa: BLE001 -- what is not the user's to act on is raised again
+            fail(user_error(e) or e)
+
+    return main
 
 
 def fail(e: BaseException) -> None:
