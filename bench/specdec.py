@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, FeatureInputs
+from specalign.adapters.registry import DRAFT_RESPONSE
 from specalign.adapters.token_adapter import DraftResponse, TokenAdapter, TokenAdapterConfig
 from specalign.data.features import feature_name
 from specalign.specdec.engine import StaticDecoder
@@ -244,7 +245,8 @@ def measure(a, target, draft, engines, drafters_, trace, source) -> dict:
             print(f"  measured {name} gamma {gamma}", flush=True)
     timed = prepared[1:]
     target_costs = model_costs([p.greedy for p in timed])
-    entries = {name: Entry(d, lambda p: None, reads_draft_response=r) for name, (d, r) in drafters_.items()}
+    # what a drafter reads decides its setup cost: EventGPT's whole answer is generated before its first round
+    entries = {name: Entry(d, DRAFT_RESPONSE if r else None) for name, (d, r) in drafters_.items()}
     for (name, gamma), runs in runs_by.items():
         entries[name].runs[gamma] = runs
     target_costs["verify_s"] = verify_costs(entries, a.gammas)

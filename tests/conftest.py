@@ -32,3 +32,9 @@ def shared_file(name: str) -> Path:
     if not p.exists():
         pytest.skip(f"real data sample {name} not found in ../shared/data (it lives outside the project)")
     return p
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow first (a stable sort): with two workers the longest file starts at once, beside the
+    others, instead of being the last one left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

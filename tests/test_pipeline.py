@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow      # the longest file: started first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
