@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from specalign.adapters.export_format import load_drafter, save_drafter
 from specalign.adapters.registry import drafter_type
-from specalign.data.features import feature_name
+from specalign.data.features import PROMPT, PROMPT_TOKEN, VIDEO, context_name, feature_name
 from specalign.data.store import FeatureStore, StoreWriter
 from specalign.specdec.evaluate import evaluate_offline
 from specalign.specdec.metrics import rounds_from_runs, simulate_greedy
@@ -39,6 +39,9 @@ GAMMAS = [1, 3, 5, 7]
 RUNS = {"token_adapter": "token_adapter", "eagle3": "eagle3_target"}   # kind -> the pipeline run built with --drafters pipeline
 
 
+VIDEO_ROWS = 8      # as extraction pools them (one per frame)
+
+
 def capture_layers(num_layers: int) -> list[int]:
     from specalign.vlms.base import eagle3_layers
 
@@ -47,13 +50,16 @@ def capture_layers(num_layers: int) -> list[int]:
 
 def make_store(root: Path, a) -> Path:
     """a.rows answers of a.len/2..a.len tokens (draft answers as long), all in the test split (a few train
-    rows for the drafters' configs); target and draft features at EAGLE-3's layers and final, bf16; both
-    LM heads."""
+    rows for the drafters' configs); target and draft features at EAGLE-3's layers and final, bf16; the
+    prompt context extraction writes (store format 2: the prompt row and VIDEO_ROWS pooled video rows of the
+    target's layers, the last prompt token); both LM heads."""
     H, V, layers = a.hidden, a.vocab, capture_layers(a.layers)
     ident = {"name": "bench", "path": None, "config_hash": None, "vocab_size": V, "hidden_size": H}
     w = StoreWriter(root, {"kind": "full", "target": ident, "draft": ident,
                            "layers": {"target": layers, "draft": layers}, "dtype": "bfloat16",
-                           "prompts": {}, "generation": {"max_new_tokens": a.len}})
+                           "prompts": {}, "generation": {"max_new_tokens": a.len},
+                           "context": {"features": [feature_name("target", i) for i in layers],
+                                       "video_rows": VIDEO_ROWS, "video_token_id": 5, "pool": "random"}})
     g = torch.Generator().manual_seed(0)
     names = [feature_name(m, layer) for m in ("target", "draft") for layer in [*layers, None]]
     for start in range(0, a.rows + 8, 64):
@@ -65,7 +71,13 @@ def make_store(root: Path, a) -> Path:
                          "target_tokens": torch.randint(3, V, (n,), generator=g).tolist(),
                          "draft_tokens": torch.randint(3, V, (n,), generator=g).tolist()})
         tokens = sum(len(r["target_tokens"]) for r in rows)
-        w.write_shard(rows, {k: torch.randn(tokens, H, generator=g, dtype=torch.bfloat16) for k in names})
+        tensors = {k: torch.randn(tokens, H, generator=g, dtype=torch.bfloat16) for k in names}
+        for i in layers:
+            tensors[context_name(PROMPT, feature_name("target", i))] = torch.randn(len(rows), H, dtype=torch.bfloat16)
+            tensors[context_name(VIDEO, feature_name("target", i))] = torch.randn(len(rows) * VIDEO_ROWS, H,
+                                                                                 dtype=torch.bfloat16)
+        tensors[PROMPT_TOKEN] = torch.randint(3, V, (len(rows),), generator=g)
+        w.write_shard(rows, tensors)
     w.save_heads({"target.lm_head": torch.randn(V, H) * 0.02, "target.embed_tokens": torch.randn(V, H) * 0.02,
                   "draft.lm_head": torch.randn(V, H) * 0.02})
     return w.finalize()
@@ -108,8 +120,7 @@ def reference_walk(kind: str, drafter: Path, store: FeatureStore, n: int) -> tup
     runs = drafter_runs(d, store, rows, max(GAMMAS))
     t0 = time.perf_counter()
     for row, (run, cap) in zip(rows, runs):
-        context = d.kind.batch(d.model, store, [row])
-        context = context["feats"][0] if "feats" in context else row.draft_tokens
+        context = d.kind.row_context(d.model, store, row, **d.options)      # what `propose` reads of the row
         for g in GAMMAS:
             r = row.target_tokens
             expected = simulate_greedy(r, lambda p, gamma, c=context, r=r: d.model.propose(c, r[:p], gamma)[0], g)
