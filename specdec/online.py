@@ -348,6 +348,16 @@ def greedy_generate(target, prefill: PrefillSpec, max_new_tokens: int,
     return GreedyResult(out, prefill_s, decode_s, _now(device) - t0)
 
 
+def _begin(target, prefill: PrefillSpec, drafter, hidden_layers: Sequence[int], request: Any):
+    """The target's prefill, then the drafter's `begin` on it -> (prefill, (start, prefill done, begin done))."""
+    device = target.device
+    t0 = _now(device)
+    pre = run_prefill(target, prefill, hidden_layers)
+    t1 = _now(device)
+    drafter.begin(DraftContext(prefill, request, pre.length, pre.hidden))
+    return pre, (t0, t1, _now(device))
+
+
 @torch.no_grad()
 def speculative_generate(target, prefill: PrefillSpec, drafter: Drafter, *, gamma: int, max_new_tokens: int,
                          eos_token_id: int | Sequence[int] | None = None, sampling: Sampling | None = None,
@@ -357,11 +367,7 @@ def speculative_generate(target, prefill: PrefillSpec, drafter: Drafter, *, gamm
     (`generator`: a CPU generator for the acceptance draws). `hidden_layers` selects the target hidden
     states handed to `drafter.begin` / `drafter.observe`; `request` goes to the drafter's context."""
     device, eos = target.device, _eos_set(eos_token_id)
-    t0 = _now(device)
-    pre = run_prefill(target, prefill, hidden_layers)
-    t1 = _now(device)
-    drafter.begin(DraftContext(prefill, request, pre.length, pre.hidden))
-    t2 = _now(device)
+    pre, (t0, t1, t2) = _begin(target, prefill, drafter, hidden_layers, request)
 
     out, log = [], []
     pending: list[int] = []        # accepted but not yet in the target cache: the last bonus token
@@ -453,11 +459,7 @@ def tree_generate(target, prefill: PrefillSpec, drafter, *, gamma: int, tree: Tr
     the definition the offline simulation uses."""
     check_tree_engine("static" if isinstance(target, StaticDecoder) else "dynamic")
     device, eos = target.device, _eos_set(eos_token_id)
-    t0 = _now(device)
-    pre = run_prefill(target, prefill, hidden_layers)
-    t1 = _now(device)
-    drafter.begin(DraftContext(prefill, request, pre.length, pre.hidden))
-    t2 = _now(device)
+    pre, (t0, t1, t2) = _begin(target, prefill, drafter, hidden_layers, request)
     out, log, trees, pending = [], [], [], []
     while not _finished(out, eos, max_new_tokens):
         budget = max_new_tokens - len(out)
