@@ -193,6 +193,10 @@ class StaticDecoder:
         self.cache, self.capacity, self.length = None, 0, 0
         self.graphs: dict[tuple, Graph | None] = {}
         self.ids = torch.zeros(max_width, dtype=torch.long, device=self.device)   # the graphs' input tokens
+        # a tree forward's inputs (module docstring of specdec/tree.py): position offsets from the cache's length
+        # and the [W, W] mask of what each row sees among the rows written by the same forward
+        self.offsets = torch.zeros(max_width, dtype=torch.long, device=self.device)
+        self.local = torch.zeros(max_width, max_width, dtype=torch.bool, device=self.device)
 
     def __repr__(self) -> str:
         return (f"StaticDecoder({type(self.model).__name__}, capacity={self.capacity}, "
@@ -270,22 +274,26 @@ class StaticDecoder:
         hidden = {i: out.hidden_states[i][0] for i in layers}
         return self.head(out.last_hidden_state[0]), hidden
 
-    def _graph(self, width: int, layers: tuple[int, ...]) -> Graph | None:
-        """The graph of a width, captured with each attention kernel and kept with the fastest."""
-        key = (width, layers)
+    def _graph(self, width: int, layers: tuple[int, ...], tree: bool = False) -> Graph | None:
+        """The graph of a width (a chain's, or with `tree` a tree's: it reads its positions and mask from the
+        buffers), captured with each attention kernel and kept with the fastest."""
+        key = (width, layers, "tree") if tree else (width, layers)
         if key not in self.graphs:
             ids = self.ids[:width]
-            self.graphs[key], kernel = fastest_graph(lambda b: self._step_with(b, ids, layers),
-                                                     f"the {width}-token forward", lambda: self.cache.crop(-width))
+            step = (lambda: self._tree_step(ids, self.offsets[:width], self.local[:width, :width], layers)) if tree \
+                else (lambda: self._step(ids, layers))
+            self.graphs[key], kernel = fastest_graph(lambda b: self._with(b, step),
+                                                     f"the {width}-token {'tree ' if tree else ''}forward",
+                                                     lambda: self.cache.crop(-width))
             if self.graphs[key] is not None:
                 self.attention[key] = kernel
         return self.graphs[key]
 
-    def _step_with(self, backend, ids: Tensor, layers: tuple[int, ...]):
+    def _with(self, backend, step: Callable[[], Any]):
         from torch.nn.attention import sdpa_kernel
 
         with contextlib.nullcontext() if backend is None else sdpa_kernel([backend]):
-            return self._step(ids, layers)
+            return step()
 
     @torch.inference_mode()
     def warm(self, widths: Sequence[int], hidden_layers: Sequence[int] = ()) -> dict[int, bool]:
@@ -296,3 +304,64 @@ class StaticDecoder:
         if self.cache is None or self.length + max(widths) > self.capacity:
             raise SpecalignError("StaticDecoder.warm needs a prefilled cache with room for the widest forward")
         return {w: self._graph(w, tuple(hidden_layers)) is not None for w in widths}
+
+    # ------------------------------------------------------------------ draft trees (specdec/tree.py)
+
+    @torch.inference_mode()
+    def forward_tree(self, pending: Sequence[int], tree, hidden_layers: Sequence[int] = ()
+                     ) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """[pending] + the tree's nodes written at slots L .. L + W - 1 (L: cached tokens), node i at position
+        L + len(pending) + depth_i - 1, attending the cache, the pending token and its own ancestors. The length
+        grows by W; `compact` then keeps the accepted path. -> logits [W, V] float32, hidden {layer: [W, H]}."""
+        width, layers = len(pending) + len(tree), tuple(hidden_layers)
+        if self.length + width > self.capacity:
+            raise SpecalignError(f"a tree of {len(tree)} nodes at position {self.length} is past the static KV cache "
+                                 f"({self.capacity} positions): raise engine.max_len or the engine's reserve "
+                                 "(max_new_tokens + tree.budget + 1)")
+        depth = torch.tensor(tree.depths, dtype=torch.long).reshape(-1)
+        offsets = torch.cat([torch.arange(len(pending)), len(pending) + depth - 1])            # [W]
+        local = torch.ones(width, width, dtype=torch.bool).tril()                              # pending: causal
+        if len(tree):
+            local[len(pending):, len(pending):] = tree.ancestors()                             # nodes: ancestors
+        ids = torch.as_tensor([*pending, *tree.tokens], dtype=torch.long)
+        if self.cuda_graphs and width <= self.max_width:
+            self.ids[:width].copy_(ids)
+            self.offsets[:width].copy_(offsets)
+            self.local[:width, :width].copy_(local)
+            graph = self._graph(width, layers, tree=True)
+        else:
+            graph = None
+        if graph is not None:
+            logits, hidden = graph()
+        else:
+            dev = self.device
+            logits, hidden = self._tree_step(ids.to(dev), offsets.to(dev), local.to(dev), layers)
+        self.length += width
+        return logits.to(torch.float32, copy=True), ({i: h.clone() for i, h in hidden.items()} if layers else None)
+
+    def _tree_step(self, ids: Tensor, offsets: Tensor, local: Tensor, layers: tuple[int, ...]):
+        """ids, offsets [W], local [W, W] at the cache's length: `_step` with tree positions and a tree mask
+        (graph-safe: the [W, capacity] mask is built here from the device length)."""
+        start = self.cache.get_seq_length()                                   # device scalar
+        rel = self.positions - start                                          # [capacity]: slot - L
+        window = (rel >= 0) & (rel < ids.shape[0])
+        mask = (rel < 0)[None, :] | (window[None, :] & local[:, rel.clamp(0, ids.shape[0] - 1)])   # [W, capacity]
+        out = self.decoder(input_ids=ids[None], attention_mask=mask[None, None], position_ids=(start + offsets)[None],
+                           cache=self.cache, use_cache=True, output_hidden_states=bool(layers))
+        hidden = {i: out.hidden_states[i][0] for i in layers}
+        return self.head(out.last_hidden_state[0]), hidden
+
+    @torch.inference_mode()
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only the cached slots `keep` (increasing), moved to slots 0 .. len(keep) - 1: after a tree
+        verification, the prefix, the pending token and the accepted path. The unchanged head is not copied; the
+        rest is read (index_select) before it is written (index_copy_), and every layer's length is set."""
+        keep = list(keep)
+        head = next((i for i, k in enumerate(keep) if k != i), len(keep))       # slots already in place
+        if head < len(keep):
+            src = torch.as_tensor(keep[head:], dtype=torch.long, device=self.device)
+            dst = torch.arange(head, len(keep), device=self.device)
+            for layer in self.cache.layers:
+                for t in (layer.keys, layer.values):
+                    t.index_copy_(2, dst, t.index_select(2, src))
+        self.crop(self.length - len(keep))

@@ -21,8 +21,9 @@ one forward with a fresh DynamicCache, or a zero-argument callable returning
 
 Engines: a model is decoded with transformers' growing cache (`DynamicCache`, above); a
 `specdec.engine.StaticDecoder` in its place (target, draft model, or the EventGPT of an EAGLE-3 drafter)
-decodes on its preallocated static cache, with CUDA graphs when asked. `run_prefill`, `forward_tokens` and
-`crop` take either, so every function below runs on both (`make_engine` builds one from `engine.*` keys).
+decodes on its preallocated static cache, with CUDA graphs when asked. `run_prefill`, `forward_tokens`,
+`crop`, and for draft trees `forward_tree` and `compact`, take either, so every function below runs on both
+(`make_engine` builds one from `engine.*` keys).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ ENGINES = ("static", "dynamic")
 
 
 def make_engine(model, kind: str = "dynamic", reserve: int = 64, max_len: int | None = None,
-                cuda_graphs: bool | None = None, compile: bool | None = None):
+                cuda_graphs: bool | None = None, compile: bool | None = None, max_width: int = 9):
     """The model as the online functions decode it: itself (kind "dynamic": transformers' growing cache) or a
-    `StaticDecoder` (kind "static"; `cuda_graphs` and `compile` None: on when the model is on CUDA)."""
+    `StaticDecoder` (kind "static"; `cuda_graphs` and `compile` None: on when the model is on CUDA; forwards up to
+    `max_width` tokens replayed as graphs: gamma + 1 for chains, 1 + tree.budget for trees)."""
     if kind not in ENGINES:
         raise SpecalignError(f"engine.kind must be one of {ENGINES}, got {kind!r}")
     if kind == "dynamic":
@@ -81,7 +83,7 @@ def make_engine(model, kind: str = "dynamic", reserve: int = 64, max_len: int | 
         return model
     on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
     return StaticDecoder(model, reserve, max_len, on_cuda if cuda_graphs is None else cuda_graphs,
-                         compile=on_cuda if compile is None else compile)
+                         max_width=max_width, compile=on_cuda if compile is None else compile)
 
 
 @torch.no_grad()
@@ -417,29 +419,31 @@ def _accept(logits: Tensor, proposal: list[int], q: Tensor | None, sampling: Sam
 
 # ----------------------------------------------------------------------------- draft trees (specdec/tree.py)
 
-def check_tree_engine(kind: str) -> None:
-    """Trees verify through a 4D mask and compact the cache: the growing cache's engine only."""
-    if kind != "dynamic":
-        raise SpecalignError(f"draft trees decode on transformers' growing cache: set engine.kind=dynamic (got "
-                             f"{kind!r}; the static engine verifies chains only) or tree.budget=0")
-
-
 @torch.no_grad()
-def forward_tree(model, cache: DynamicCache, pending: Sequence[int], tree: Tree,
+def forward_tree(model, cache: DynamicCache | StaticDecoder, pending: Sequence[int], tree: Tree,
                  hidden_layers: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor] | None]:
     """One target forward over [pending] + the tree's nodes after the cached prefix, each node at its own depth's
-    position and seeing only its ancestors (a 4D mask, which transformers' LLaMA takes as it is).
+    position and seeing only its ancestors (a 4D mask, which transformers' LLaMA takes as it is; the static engine
+    builds it from its own length, `StaticDecoder.forward_tree`).
     The cache grows by len(pending) + len(tree). -> logits [M, V] (float32), hidden states {layer: [M, H]}."""
-    check_tree_engine("static" if isinstance(model, StaticDecoder) else "dynamic")
+    if isinstance(cache, StaticDecoder):
+        return cache.forward_tree(pending, tree, hidden_layers)
     ids, positions, mask = verify_inputs(tree, pending, cache.get_seq_length(), model.dtype, model.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 output_hidden_states=bool(hidden_layers), **{_cache_kwarg(model): cache})
     return out.logits[0].float(), _pick_hidden(out, hidden_layers)
 
 
-def compact(cache: DynamicCache, keep: Sequence[int]) -> None:
+def cached_length(cache: DynamicCache | StaticDecoder) -> int:
+    return cache.length if isinstance(cache, StaticDecoder) else cache.get_seq_length()
+
+
+def compact(cache: DynamicCache | StaticDecoder, keep: Sequence[int]) -> None:
     """Keep only the cached positions `keep`, in order (after a tree verification: the prefix, the pending token
     and the accepted path), so the cache is the one decoding that path would have left."""
+    if isinstance(cache, StaticDecoder):
+        cache.compact(keep)
+        return
     index = None
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or not layer.keys.numel():
@@ -455,9 +459,8 @@ def tree_generate(target, prefill: PrefillSpec, drafter, *, gamma: int, tree: Tr
     """Greedy speculative decoding of one sequence with draft trees of depth gamma: the drafter grows a tree from
     the accepted prefix (`drafter.propose_tree`), the target verifies it in one forward (`forward_tree`), the
     longest root path equal to its greedy tokens is accepted with the target's own token after it, and the cache
-    is compacted to that path. Rounds are scored from the trees against the final output (`tree.round_counts`),
+    is compacted to that path (on either engine). Rounds are scored from the trees against the final output (`tree.round_counts`),
     the definition the offline simulation uses."""
-    check_tree_engine("static" if isinstance(target, StaticDecoder) else "dynamic")
     device, eos = target.device, _eos_set(eos_token_id)
     pre, (t0, t1, t2) = _begin(target, prefill, drafter, hidden_layers, request)
     out, log, trees, pending = [], [], [], []
@@ -466,7 +469,7 @@ def tree_generate(target, prefill: PrefillSpec, drafter, *, gamma: int, tree: Tr
         ta = _now(device)
         draft = drafter.propose_tree(list(out), gamma, tree)
         tb = _now(device)
-        cached = pre.cache.get_seq_length()
+        cached = cached_length(pre.cache)
         logits, hidden = forward_tree(target, pre.cache, pending, draft, hidden_layers) if pending or len(draft) \
             else (pre.logits[None], None)
         if not pending and len(draft):

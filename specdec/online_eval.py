@@ -59,7 +59,6 @@ from specalign.specdec.online import (
     OnlineResult,
     Sampling,
     TokenListDrafter,
-    check_tree_engine,
     greedy_generate,
     make_engine,
     speculative_generate,
@@ -148,13 +147,16 @@ def engine_of(backend):
     return backend.engine if backend.engine is not None else backend.model
 
 
-def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int]) -> None:
+def use_engines(cfg: DictConfig, backends, max_new_tokens: int, gammas: list[int], tree: TreeSpec | None = None
+                ) -> None:
     """`engine.*` (kind static | dynamic, cuda_graphs, max_len) for both models; a static cache keeps room for
-    the answer and one verification of the largest gamma."""
+    the answer and one verification of the largest gamma, or of a tree (1 + tree.budget tokens), and replays
+    every verification width up to that as a graph."""
     e = cfg.get("engine") or {}
+    widest = max(max(gammas), tree.budget if tree else 0) + 1
     for b in backends:
-        b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + max(gammas) + 1, e.get("max_len"),
-                               e.get("cuda_graphs"), e.get("compile"))
+        b.engine = make_engine(b.model, e.get("kind", "static"), max_new_tokens + widest, e.get("max_len"),
+                               e.get("cuda_graphs"), e.get("compile"), max(9, widest))
 
 
 def prefill_spec(batch) -> dict:
@@ -362,11 +364,9 @@ def run_online(cfg: DictConfig, gammas: list[int]) -> OnlineRuns:
         raise SpecalignError(f"{cfg.store}: split '{cfg.split}' has no rows")
     requests = requests_of_rows(rows, load_samples(cfg, store))
     tree = tree_spec(cfg.get("tree"), gammas)
-    if tree.on:
-        check_tree_engine((cfg.get("engine") or {}).get("kind", "static"))
     target, draft = build_backends(cfg.models, cfg.device)
     max_new, eos = max_new_tokens_of(cfg, store), eos_ids(store, target, draft)
-    use_engines(cfg, (target, draft), max_new, gammas)
+    use_engines(cfg, (target, draft), max_new, gammas, tree)
     entries, notes = all_entries(cfg, target, draft, tree)
     sampling = sampling_of(cfg, shared_vocab(target, draft))
     seed, generator = int(cfg.get("seed") or 0), torch.Generator()

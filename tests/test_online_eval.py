@@ -329,11 +329,13 @@ def test_sampling_at_low_temperature_reproduces_greedy(online, tiny_models, whic
 
 @pytest.mark.parametrize("drafter", ["token_adapter", "eagle3_both"])
 def test_trees_online_equal_plain_greedy_and_the_offline_walk(world, drafter):
-    """Draft trees of trained drafters (the TokenAdapter with its no-draft variant, EAGLE-3): online (growing
-    cache, one tree forward, compaction) token for token plain greedy decoding and round for round the offline
-    walk; a top-1 tree of budget gamma is exactly the chain; the offline report puts each tree beside its chain."""
+    """Draft trees of trained drafters (the TokenAdapter with its no-draft variant on the growing cache, EAGLE-3
+    with the target's hidden states on the static engine): online (one tree forward, compaction) token for token
+    plain greedy decoding and round for round the offline walk; a top-1 tree of budget gamma is exactly the chain;
+    the offline report puts each tree beside its chain."""
     g, spec = max(GAMMAS), TreeSpec(6, 2, (max(GAMMAS),))
-    cfg = online_config(world, drafter, None, "engine.kind=dynamic", "limit=2", "tree.budget=6", "tree.topk=2")
+    engine = "engine.kind=dynamic" if drafter == "token_adapter" else "engine.kind=static"
+    cfg = online_config(world, drafter, None, engine, "limit=2", "tree.budget=6", "tree.topk=2")
     runs = run_online(cfg, [g])
     store, rows = FeatureStore(world["store"]), [p.row for p in runs.prepared]
     for d in report_drafters(cfg.drafter, None, "offline"):

@@ -1,5 +1,6 @@
 """Draft trees (specdec/tree.py) on tiny models built in code: the tree verification (4D mask, positions) and
-the cache compaction against full recomputes, tree decoding = plain greedy = the offline walk round by round,
+the cache compaction against full recomputes on both engines (transformers' growing cache and the static one),
+tree decoding = plain greedy = the offline walk round by round, the static engine's rounds = the growing cache's,
 the drafters' batched hook against their own chains, and the tree configurations that cannot work."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from conftest_train import LAYERS, H, V
 from specalign.adapters.eagle3 import Eagle3Config, Eagle3Drafter, PromptRows, build_vocab_maps
 from specalign.adapters.token_adapter import TokenAdapter, TokenAdapterConfig
+from specalign.specdec.engine import StaticDecoder
 from specalign.specdec.metrics import Acceptance, simulate_rounds
 from specalign.specdec.online import (
     ModelDrafter,
@@ -193,8 +195,55 @@ def test_chains_and_tree_needs():
     with pytest.raises(SpecalignError, match="'raw_draft' has no next-token distribution"):
         check_tree_drafter(None, "raw_draft", TreeSpec(8, 2))
     check_tree_drafter(None, "raw_draft", TreeSpec())                  # chains: nothing to check
-    from specalign.specdec.online import check_tree_engine
 
-    with pytest.raises(SpecalignError, match="engine.kind=dynamic"):
-        check_tree_engine("static")
 
+
+def static_engine(target) -> StaticDecoder:
+    """The fast engine on the CPU (graphs off: the same functions a CUDA graph replays), room for a tree."""
+    return StaticDecoder(target, reserve=MAX_NEW + SPEC.budget + 1, max_width=SPEC.budget + 1)
+
+
+def test_static_tree_verification_and_compaction_equal_a_full_recompute(pair):
+    """The static engine's tree forward (slots after the cache, tree positions, the mask built from the cache's
+    length over stale slots of an earlier, longer forward) gives each node the logits of a plain forward over
+    prompt + pending + its path; compacted to a branch's path, the next step is that of decoding the path."""
+    target, draft, prompts = pair
+    prompt, pending = prompts[1], [7]
+    engine = static_engine(target)
+    pre = run_prefill(engine, {"input_ids": torch.tensor([prompt])})
+    forward_tokens(engine, pre.cache, list(range(3, 3 + SPEC.budget)))   # stale keys past the length
+    compact(engine, range(len(prompt)))
+    tree = DraftLMTree(draft, prompt).grow(pending, GAMMA, SPEC)
+    logits, _ = forward_tree(engine, engine, pending, tree)                                 # [1 + N, V]
+    assert engine.length == len(prompt) + 1 + len(tree)
+    with torch.no_grad():
+        for i in range(len(tree)):
+            full = target(input_ids=torch.tensor([prompt + pending + tree.path_tokens(i)])).logits[0, -1]
+            torch.testing.assert_close(logits[1 + i], full, atol=1e-4, rtol=1e-4)
+    # a path that skips nodes (not the first branch): its slots move down, the rest is cropped
+    last = max(range(len(tree)), key=lambda i: (tree.depths[i], i))
+    path = tree.path(last)
+    assert path != list(range(len(path))), "the path must move slots"
+    compact(engine, list(range(len(prompt) + 1)) + [len(prompt) + 1 + i for i in path])
+    assert engine.length == len(prompt) + 1 + len(path)
+    step, _ = forward_tokens(engine, engine, [5])
+    with torch.no_grad():
+        full = target(input_ids=torch.tensor([prompt + pending + tree.path_tokens(last) + [5]])).logits[0, -1]
+    torch.testing.assert_close(step[-1], full, atol=1e-4, rtol=1e-4)
+
+
+def test_static_tree_decoding_equals_plain_greedy_and_the_growing_cache(pair):
+    """tree_generate on the static engine: plain greedy output, and round for round the trees, accepted lengths
+    and verification widths of the growing cache's run."""
+    target, draft, prompts = pair
+    engine = static_engine(target)
+    for prompt in prompts:
+        spec = {"input_ids": torch.tensor([prompt])}
+        plain = greedy_generate(target, spec, MAX_NEW, EOS).tokens
+        kw = {"gamma": GAMMA, "tree": SPEC, "max_new_tokens": MAX_NEW, "eos_token_id": EOS}
+        fast = tree_generate(engine, spec, DraftLMTree(draft, prompt), **kw)
+        slow = tree_generate(target, spec, DraftLMTree(draft, prompt), **kw)
+        assert fast.tokens == plain == slow.tokens
+        assert [(r.start, r.proposal, r.accepted, r.verified) for r in fast.log] == \
+            [(r.start, r.proposal, r.accepted, r.verified) for r in slow.log]
+        assert fast.rounds == slow.rounds and any(r.accepted < len(r.proposal) for r in fast.log)
