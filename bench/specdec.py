@@ -50,9 +50,11 @@ from specalign.specdec.online import (
     DraftContext,
     crop,
     forward_tokens,
+    forward_tree,
     greedy_generate,
     run_prefill,
     speculative_generate,
+    tree_generate,
 )
 from specalign.specdec.online_drafters import OnlineDrafter
 from specalign.specdec.online_eval import (
@@ -61,9 +63,19 @@ from specalign.specdec.online_eval import (
     entry_numbers,
     model_costs,
     prefill_spec,
+    tree_verify_s,
     verify_costs,
 )
-from specalign.specdec.replay import ReplayDrafter, load_trace, replay_lengths, synthetic_trace
+from specalign.specdec.replay import (
+    ReplayDrafter,
+    ReplayTreeDrafter,
+    load_trace,
+    replay_lengths,
+    replay_tree,
+    synthetic_trace,
+)
+from specalign.specdec.report import TREE_SUFFIX
+from specalign.specdec.tree import TreeSpec, tree_spec
 from specalign.vlms.base import eagle3_layers
 from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.real_configs import random_pair
@@ -85,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace", help="report.json of specalign evaluate (its rounds_trace)")
     p.add_argument("--trace-drafter", default="drafter", help="which drafter's rounds of the report to replay")
     p.add_argument("--tau", type=float, default=4.1, help="without --trace: draw a trace with this tau at gamma 5")
+    p.add_argument("--tree-budget", type=lambda s: [int(x) for x in s.split(",") if int(x) > 0], default=None,
+                   help="draft-tree rows: nodes per tree, a list (default: 16,32 real, 16 tiny; 0: no tree rows)")
+    p.add_argument("--tree-topk", type=int, default=TreeSpec().topk, help="children per expanded tree node")
+    p.add_argument("--tree-tau", type=float, default=None, help="tree rows without a '<drafter>+tree' trace in "
+                   "--trace: draw one with this tau at gamma 5 (default: the chain's tau + 0.6)")
     p.add_argument("--requests", type=int, default=None, help="timed requests per row, one more warms up "
                    "(default: 6 real, 2 tiny)")
     p.add_argument("--max-new-tokens", type=int, default=50)
@@ -123,9 +140,9 @@ def build(a):
     special = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
     decisive_weights(target_model, tokenizer.eos_token_id, special)
     target, draft = VideoLlavaBackend(target_model, tokenizer), EventGPTBackend(draft_model, tokenizer)
-    reserve = a.max_new_tokens + max(a.gammas) + 1
-    engines = {b.role: StaticDecoder(b.model, reserve, cuda_graphs=a.cuda_graphs, compile=a.compile)
-               for b in (target, draft)}
+    widest = max([*a.gammas, *a.tree_budget]) + 1            # a chain's verification or a tree's
+    engines = {b.role: StaticDecoder(b.model, a.max_new_tokens + widest, cuda_graphs=a.cuda_graphs, compile=a.compile,
+                                     max_width=max(9, widest)) for b in (target, draft)}
     return target, draft, engines, drafters(a, target, dtype)
 
 
@@ -252,14 +269,20 @@ def measure(a, target, draft, engines, drafters_, trace, source) -> dict:
     target_costs["verify_s"] = verify_costs(entries, a.gammas)
     for (name, gamma), runs in runs_by.items():
         rows.append(row_numbers(name, gamma, entries[name], runs, timed, target_costs))
+    if a.tree_budget:
+        costs["tree_verify_w"] = tree_verify_cost(engines["target"], requests[0][0], [1 + b for b in a.tree_budget],
+                                                  a.device, vocab)
+        rows += measure_trees(a, engines["target"], drafters_, prepared, target_costs, trace)
     costs |= {"target": target_costs, "draft": model_costs([p.draft for p in timed]),
               "prompt": {"target": requests[0][0]["input_ids"].shape[1], "draft": requests[0][1]["input_ids"].shape[1]}}
     return {"costs": costs, "rows": rows, "graphs": graph_status(engines, drafters_)}
 
 
 def row_numbers(name, gamma, entry, runs, prepared, target_costs) -> dict:
-    """The report's numbers (tau, projected speedups) beside the measured ones."""
-    n = entry_numbers(entry, runs, prepared, target_costs, target_costs["verify_s"][str(gamma)])
+    """The report's numbers (tau, projected speedups) beside the measured ones. A tree row's verification is
+    its own (behind the pending token: every round but the first), as in the online report."""
+    verify = tree_verify_s(runs) if entry.tree else target_costs["verify_s"][str(gamma)]
+    n = entry_numbers(entry, runs, prepared, target_costs, verify)
     plain_decode = sum(sum(p.greedy.decode_s) for p in prepared) / sum(len(p.greedy.tokens) - 1 for p in prepared)
     spec_decode = sum(r.total_s - r.prefill_s - r.draft_prefill_s for r in runs) / sum(len(r.tokens) for r in runs)
     setups = [r.draft_prefill_s + (p.draft.total_s if entry.reads_draft_response else 0.0)
@@ -267,8 +290,9 @@ def row_numbers(name, gamma, entry, runs, prepared, target_costs) -> dict:
     plain_total = statistics.mean(p.greedy.total_s for p in prepared)
     spec_total = statistics.mean(r.total_s + s for r, s in zip(runs, setups))
     outside = [r.total_s - r.prefill_s - r.draft_prefill_s - sum(x.draft_s + x.verify_s for x in r.log) for r in runs]
-    full = [x.verify_s for r in runs for x in r.log if x.verified == gamma + 1]
-    return {"drafter": name, "gamma": gamma, "tau": n["results"]["tau"], "alpha": n["results"]["alpha"],
+    full = [x.verify_s for r in runs for x in r.log
+            if (x.verified > len(x.proposal) if entry.tree else x.verified == gamma + 1)]
+    return {"drafter": name, "gamma": gamma, "budget": entry.tree.budget if entry.tree else None, "tau": n["results"]["tau"], "alpha": n["results"]["alpha"],
             "plain_ms_per_token": 1e3 * plain_decode, "spec_ms_per_token": 1e3 * spec_decode,
             "decode_speedup": plain_decode / spec_decode, "decode_projected": n["speedup"]["projected"],
             "e2e_speedup": plain_total / spec_total, "e2e_projected": n["speedup"]["projected_e2e"],
@@ -276,15 +300,107 @@ def row_numbers(name, gamma, entry, runs, prepared, target_costs) -> dict:
             "round_ms": 1e3 * n["costs"]["round_s"], "step_ms": 1e3 * (n["costs"]["step_s"] or 0.0),
             "outside_ms_per_round": 1e3 * sum(outside) / sum(len(r.log) for r in runs),
             "verify_ms_own": 1e3 * statistics.mean(full) if full else None,
-            "verify_ms_model": 1e3 * target_costs["verify_s"][str(gamma)],
+            "verify_ms_model": 1e3 * verify,
             "rounds": n["results"]["rounds"]}
 
 
+# --------------------------------------------------------------------------------------------- draft trees
+
+def tree_trace(a, chain_trace, source: str):
+    """The acceptance the tree rows replay -> (trace, where it comes from): the '<drafter>+tree' rounds of
+    --trace when the report has them, else drawn with --tree-tau (default: the chain's tau at gamma 5 + 0.6, the
+    gain trees measured on the real pairs: 4.30 -> 4.97)."""
+    name = a.trace_drafter + TREE_SUFFIX
+    if a.trace and name in (json.loads(Path(a.trace).read_text()).get("rounds_trace") or {}):
+        return load_trace(a.trace, name), f"{a.trace} ({name})"
+    tau = a.tree_tau
+    if tau is None:
+        g = 5 if 5 in chain_trace else min(chain_trace, key=lambda x: abs(x - 5))
+        rounds = [x for r in chain_trace[g] for x in r]
+        tau = min(1 + statistics.mean(rounds) + 0.6, 6.0)
+        return synthetic_trace(tau, a.gammas), (f"drawn with τ = {tau:.2f} at γ = 5 (an assumption: the chain's "
+                                                f"τ {tau - 0.6:.2f} from {source} + 0.6)")
+    return synthetic_trace(tau, a.gammas), f"drawn with τ = {tau} at γ = 5 (--tree-tau)"
+
+
+def spine(nodes: int, token: int, vocab: int):
+    """A tree of `nodes` nodes for timing a verification of its width (the shape does not change the cost)."""
+    return replay_tree(nodes, nodes, [(token + i) % vocab for i in range(nodes)], 0, vocab)
+
+
+def tree_verify_cost(engine: StaticDecoder, spec: dict, widths, device: str, vocab: int, reps: int = 20
+                     ) -> dict[int, float]:
+    """Median seconds of a tree verification of W tokens (pending + W - 1 nodes) on the prefilled cache, per W."""
+    pre = run_prefill(engine, spec)
+    token = int(pre.logits.argmax())
+    out = {}
+    for w in widths:
+        tree, times = spine(w - 1, token, vocab), []
+        for _ in range(reps + 2):
+            t0 = sync(device)
+            forward_tree(engine, engine, [token], tree)
+            times.append(sync(device) - t0)
+            crop(engine, w)
+        out[w] = statistics.median(times[2:])
+    return out
+
+
+def warm_trees(a, engine: StaticDecoder, drafters_, p: Prepared, vocab: int) -> None:
+    """Capture the tree graphs the timed runs meet (widths B and 1 + B, each drafter's hidden layers)."""
+    for drafter, _ in drafters_.values():
+        layers = drafter.hidden_layers
+        pre = run_prefill(engine, p.target_prefill, layers)
+        token = int(pre.logits.argmax())
+        for b in a.tree_budget:
+            for pending in ([], [token]):
+                forward_tree(engine, engine, pending, spine(b, token, vocab), layers)
+                crop(engine, len(pending) + b)
+
+
+def measure_trees(a, engine: StaticDecoder, drafters_, prepared: list[Prepared], target_costs: dict, chain_trace
+                  ) -> list[dict]:
+    """Per drafter, gamma and budget: a '<drafter>+tree' row, its drafter growing its real tree every round
+    (eagerly: `propose_tree`), the target verifying the replayed tree on the static engine (request 0 warms up)."""
+    vocab = engine.model.get_input_embeddings().weight.shape[0]
+    trace, a.tree_source = tree_trace(a, chain_trace, a.trace or f"--tau {a.tau}")
+    warm_trees(a, engine, drafters_, prepared[0], vocab)
+    rows = []
+    for name, (drafter, reads_response) in drafters_.items():
+        for gamma in a.gammas:
+            for budget in a.tree_budget:
+                spec = TreeSpec(budget, a.tree_topk)
+                entry = Entry(drafter, DRAFT_RESPONSE if reads_response else None, tree=spec)
+                lengths = replay_lengths(trace, gamma, a.trace or "--tree-tau")
+                runs = [replay_tree_run(a, engine, p, drafter, reads_response, gamma, spec, lengths, vocab)
+                        for p in prepared]
+                rows.append(row_numbers(f"{name}{TREE_SUFFIX}", gamma, entry, runs[1:], prepared[1:], target_costs))
+                print(f"  measured {name}{TREE_SUFFIX} gamma {gamma} budget {budget}", flush=True)
+    return rows
+
+
+def replay_tree_run(a, engine, p: Prepared, drafter, reads_response: bool, gamma: int, spec: TreeSpec, lengths,
+                    vocab: int):
+    replay = ReplayTreeDrafter(drafter, p.greedy.tokens, lengths, vocab)
+    run = tree_generate(engine, p.target_prefill, replay, gamma=gamma, tree=spec, max_new_tokens=a.max_new_tokens,
+                        hidden_layers=drafter.hidden_layers, request=p.draft.tokens if reads_response else None)
+    if run.tokens != p.greedy.tokens:
+        raise SystemExit("replayed tree output differs from plain greedy decoding")
+    if [r.accepted for r in run.log] != replay.planned:
+        raise SystemExit(f"the target accepted {[r.accepted for r in run.log]} of the trees, the trace gave "
+                         f"{replay.planned}")
+    return run
+
+
 def graph_status(engines, drafters_) -> dict:
-    out = {role: sorted(k[0] for k, g in e.graphs.items() if g is not None) for role, e in engines.items()}
-    attention = {role: {str(k[0]) + ("+h" if k[1] else ""): v for k, v in sorted(e.attention.items())}
-                 for role, e in engines.items()}
-    failed = {role: sorted(k[0] for k, g in e.graphs.items() if g is None) for role, e in engines.items()}
+    def label(k: tuple) -> str:          # (width, layers[, "tree"]): "6", "6+h", "17+tree"
+        return str(k[0]) + ("+h" if k[1] else "") + ("+tree" if len(k) > 2 else "")
+
+    def order(keys):
+        return sorted(keys, key=lambda k: (len(k), k[0], len(k[1])))
+
+    out = {role: [label(k) for k in order(e.graphs) if e.graphs[k] is not None] for role, e in engines.items()}
+    attention = {role: {label(k): e.attention[k] for k in order(e.attention)} for role, e in engines.items()}
+    failed = {role: [label(k) for k in order(e.graphs) if e.graphs[k] is None] for role, e in engines.items()}
     for name, (d, _) in drafters_.items():
         out[name] = sorted(str(k) + (" compiled" if k in d.static.compiled else "")
                            for k, g in d.static.graphs.items() if g is not None)
@@ -323,6 +439,10 @@ def table(head: list[str], lines: list[list[str]]) -> None:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
 
 
+def row_label(r: dict) -> str:
+    return r["drafter"] + (f" B={r['budget']}" if r["budget"] else "")
+
+
 def agree(measured: float, projected: float | None) -> str:
     if projected is None:
         return "-"
@@ -338,17 +458,20 @@ def report(a, result: dict, source: str) -> None:
     lines = [["target prefill", f"{1e3 * t['prefill_s']:.2f}"], ["target decode step", f"{1e3 * t['decode_s']:.3f}"],
              ["target decode step, transformers' growing cache, eager", f"{1e3 * c['transformers_decode_s']:.3f}"]]
     lines += [[f"target verification of {k} tokens", f"{1e3 * s:.3f}"] for k, s in c["verify_k"].items()]
+    lines += [[f"target verification of a tree, W = 1 + {w - 1} tokens", f"{1e3 * s:.3f}"]
+              for w, s in c.get("tree_verify_w", {}).items()]
     lines += [["EventGPT prefill", f"{1e3 * c['draft']['prefill_s']:.2f}"],
               ["EventGPT decode step", f"{1e3 * c['draft']['decode_s']:.3f}"]]
     for r in result["rows"]:
-        lines.append([f"{r['drafter']} proposal of γ={r['gamma']} (per token)",
-                      f"{r['round_ms']:.3f} ({r['step_ms']:.3f})"])
+        what = f"growth of γ={r['gamma']}, B={r['budget']} (per node)" if r["budget"] \
+            else f"proposal of γ={r['gamma']} (per token)"
+        lines.append([f"{r['drafter']} {what}", f"{r['round_ms']:.3f} ({r['step_ms']:.3f})"])
     print("\nPer-call costs (ms; verification: median of 20, others: means over the timed requests)\n")
     table(["call", "ms"], lines)
     print("\nSpeedup over plain greedy decoding on the same engine (measured, beside the report's projection)\n")
     head = ["drafter", "γ", "τ", "plain ms/token", "spec ms/token", "decode speedup", "projected", "vs proj.",
             "end-to-end speedup", "projected", "vs proj.", "ms/request plain → spec (setup)"]
-    lines = [[r["drafter"], str(r["gamma"]), f"{r['tau']:.2f}", f"{r['plain_ms_per_token']:.2f}",
+    lines = [[row_label(r), str(r["gamma"]), f"{r['tau']:.2f}", f"{r['plain_ms_per_token']:.2f}",
               f"{r['spec_ms_per_token']:.2f}", f"{r['decode_speedup']:.2f}x", _x(r["decode_projected"]),
               agree(r["decode_speedup"], r["decode_projected"]), f"{r['e2e_speedup']:.2f}x", _x(r["e2e_projected"]),
               agree(r["e2e_speedup"], r["e2e_projected"]),
@@ -368,7 +491,8 @@ def _x(v: float | None) -> str:
 def notes(a, result: dict) -> None:
     rows = result["rows"]
     outside = statistics.mean(r["outside_ms_per_round"] for r in rows)
-    print(f"\nThe cost model counts per round the drafter's proposal and one verification of γ+1 tokens; the engine's "
+    print(f"\nThe cost model counts per round the drafter's proposal and one verification of γ+1 tokens (a tree: its own "
+          "of 1 + n tokens); the engine's "
           f"own work between them (acceptance, cropping, handing features on, timing) measured {outside:.3f} ms per "
           "round on average, and the first round verifies γ tokens (no pending bonus token yet).")
     for r in rows:
@@ -380,6 +504,14 @@ def notes(a, result: dict) -> None:
     if any(r["drafter"] == "token_adapter" for r in rows):
         print("The TokenAdapter reads EventGPT's whole free-running response: its setup (end to end) is EventGPT's "
               "prefill and decoding, run before the target.")
+    if any(r["budget"] for r in rows):
+        print(f"'<drafter>{TREE_SUFFIX} B=n': the drafter grows its EAGLE-2 tree of n nodes (top-{a.tree_topk}, depth γ) "
+              "every round, eagerly (its `tree_logprobs`, no CUDA graph), and the target verifies 1 + n tokens in one "
+              f"forward on the static engine ({'a CUDA graph per width' if a.cuda_graphs else 'graphs off'}). "
+              "Acceptance: "
+              f"{a.tree_source}. The verified tree keeps the grown tree's node count (its width, the verification's "
+              "cost) laid out as a spine of depth γ holding the traced accepted tokens, the other nodes rejected "
+              "siblings (random weights grow flat trees; the cost does not depend on the shape).")
     if any(r["drafter"] == "eagle3" for r in rows):
         print("EAGLE-3 proposes nothing before the first accepted token; replayed, its first round still proposes "
               "the traced tokens (at no drafting cost).")
@@ -392,7 +524,7 @@ def notes(a, result: dict) -> None:
         plain = result["costs"]["target"]["decode_s"] * 1e3
         best = max((r for r in rows if r["gamma"] == 5), key=lambda r: r["e2e_speedup"], default=None)
         print(f"\nGoals: plain greedy {plain:.2f} ms/token (goal <= {GOALS['plain_ms']}); best drafter at γ=5: "
-              + ("-" if best is None else f"{best['drafter']}, decode {best['decode_speedup']:.2f}x (goal >= "
+              + ("-" if best is None else f"{row_label(best)}, decode {best['decode_speedup']:.2f}x (goal >= "
                  f"{GOALS['decode']}x), end to end {best['e2e_speedup']:.2f}x (goal >= {GOALS['e2e']}x)"))
 
 
@@ -406,6 +538,8 @@ def main(argv=None) -> None:
         a.compile = a.device == "cuda"
     if a.requests is None:
         a.requests = 6 if a.models == "real" else 2
+    if a.tree_budget is None:
+        a.tree_budget = [16, 32] if a.models == "real" else [16]
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     try:
@@ -413,6 +547,8 @@ def main(argv=None) -> None:
             trace, source = load_trace(a.trace, a.trace_drafter), f"{a.trace} ({a.trace_drafter})"
         else:
             trace, source = synthetic_trace(a.tau, a.gammas), f"drawn with τ = {a.tau} at γ = 5"
+        for b in a.tree_budget:                 # the tree configurations that cannot work
+            tree_spec({"budget": b, "topk": a.tree_topk}, a.gammas)
         with torch.inference_mode():
             target, draft, engines, drafters_ = build(a)
             result = measure(a, target, draft, engines, drafters_, trace, a.trace or "--tau")

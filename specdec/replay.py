@@ -8,6 +8,13 @@ own greedy tokens (known from a plain run) for exactly the traced number of posi
 then the drafter's own tokens up to gamma. The target therefore accepts exactly the traced lengths, its
 output is its plain greedy output, and every round verifies gamma + 1 tokens, as real drafting does.
 
+Draft trees (`ReplayTreeDrafter`): every round the drafter grows its real tree (its forwards run), then the
+verified tree keeps its node count (the verification width, the cost that matters) but is laid out as a spine
+of depth gamma whose first a tokens are the target's greedy tokens (a from the trace), the rest wrong, with
+the other nodes as wrong siblings along it: exactly one root path is accepted, for exactly a tokens. (The
+grown trees of random weights are flat, a few depths deep, where trained drafters' reach gamma; the
+verification's cost does not depend on the tree's shape, only on its width.)
+
 `synthetic_trace(tau)`: rounds with one per-token acceptance probability alpha (a round ends at its first
 rejection), alpha set so that the mean accepted length tau (bonus token included) is T at a reference gamma;
 other gammas follow from the same alpha. The rounds are drawn by inverting the distribution at a
@@ -23,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from specalign.specdec.online import DraftContext, Drafter
+from specalign.specdec.tree import Tree, TreeSpec
 from torch import Tensor
 
 from specalign.errors import DataError, SpecalignError
@@ -129,3 +137,53 @@ class ReplayDrafter:
 def replay_lengths(trace: Trace, gamma: int, source: str) -> Iterator[int]:
     rounds = trace_for(trace, gamma, source)
     return itertools.cycle(rounds)
+
+
+def replay_tree(nodes: int, depth: int, target: Sequence[int], a: int, vocab: int) -> Tree:
+    """A tree of `nodes` nodes after the accepted prefix whose only accepted root path is `target[:a]`:
+    a spine of min(depth, nodes) nodes holding target[:a] then wrong tokens, the other nodes wrong children of
+    the root and the spine nodes in turn (shallow first). `target`: the target's greedy tokens from here on;
+    a spine deeper than len(target) would meet tokens nobody knows, so it stops there."""
+    spine_len = min(depth, nodes, len(target)) if a < len(target) else a
+    tree, spine, wrong = Tree(), [], {}        # wrong: parent -> wrong children so far (distinct tokens)
+
+    def wrong_token(parent: int, d: int) -> int:
+        wrong[parent] = wrong.get(parent, 0) + 1
+        return (target[d - 1] + wrong[parent]) % vocab if d <= len(target) else 0
+
+    for d in range(1, spine_len + 1):
+        parent = spine[-1] if spine else -1
+        spine.append(tree.add(target[d - 1] if d <= a else wrong_token(parent, d), parent, 0.0))
+    parents = [-1, *spine[: max(min(spine_len, len(target)) - 1, 0)]]   # depths 1 .. whose target token is known
+    for i in range(nodes - len(spine)):
+        parent = parents[i % len(parents)]
+        tree.add(wrong_token(parent, tree.depths[parent] + 1 if parent >= 0 else 1), parent, 0.0)
+    return tree
+
+
+class ReplayTreeDrafter:
+    """`ReplayDrafter` for draft trees (module docstring): the wrapped drafter's `propose_tree` runs every round,
+    then `replay_tree` of its node count (the budget where the drafter proposes nothing, as EAGLE-3 at p = 0)."""
+
+    def __init__(self, drafter, target_tokens: Sequence[int], lengths: Iterator[int], vocab: int):
+        self.drafter, self.target, self.lengths, self.vocab = drafter, [int(t) for t in target_tokens], lengths, vocab
+        self.planned: list[int] = []
+        self.grown: list[int] = []                 # the drafter's own node count per round
+
+    def begin(self, context: DraftContext) -> None:
+        self.drafter.begin(context)
+
+    def propose_tree(self, accepted: list[int], depth: int, spec: TreeSpec) -> Tree:
+        own = self.drafter.propose_tree(accepted, depth, spec)    # the real drafter's forwards, its real cost
+        p = len(accepted)
+        if self.target[:p] != list(accepted):
+            raise SpecalignError("the replayed run left the target's plain greedy output: the target's tree "
+                                 "verification disagrees with its one-token decoding (a numerical near-tie)")
+        nodes = len(own) or spec.budget
+        a = min(next(self.lengths), depth, nodes, len(self.target) - p)
+        self.planned.append(a)
+        self.grown.append(len(own))
+        return replay_tree(nodes, depth, self.target[p:], a, self.vocab)
+
+    def observe(self, accepted_tokens: list[int], hidden: dict[int, Tensor] | None) -> None:
+        self.drafter.observe(accepted_tokens, hidden)
