@@ -5,6 +5,8 @@ the drafters' batched hook against their own chains, and the tree configurations
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest_train import LAYERS, H, V
@@ -22,6 +24,7 @@ from specalign.specdec.online import (
     speculative_generate,
     tree_generate,
 )
+from specalign.specdec.replay import ReplayTreeDrafter
 from specalign.specdec.tree import TreeSpec, check_tree_drafter, grow, round_counts, tree_notes, tree_spec
 from test_online import EOS, MAX_NEW, VOCAB, perturbed, tiny_llama
 
@@ -247,3 +250,20 @@ def test_static_tree_decoding_equals_plain_greedy_and_the_growing_cache(pair):
         assert [(r.start, r.proposal, r.accepted, r.verified) for r in fast.log] == \
             [(r.start, r.proposal, r.accepted, r.verified) for r in slow.log]
         assert fast.rounds == slow.rounds and any(r.accepted < len(r.proposal) for r in fast.log)
+
+
+def test_replayed_trees_accept_exactly_the_trace(pair):
+    """bench/specdec.py's tree rows: the drafter's own tree grows every round, the verified tree of its node count
+    holds the target's tokens on one root path for the traced length; the static engine accepts exactly that and
+    the output stays plain greedy (EOS off: the trace runs to the length limit)."""
+    target, draft, prompts = pair
+    trace = [0, 3, 1, 4, 2, 4, 0]
+    prompt = prompts[0]
+    spec_in = {"input_ids": torch.tensor([prompt])}
+    plain = greedy_generate(target, spec_in, MAX_NEW).tokens
+    replay = ReplayTreeDrafter(DraftLMTree(draft, prompt), plain, itertools.cycle(trace), VOCAB)
+    run = tree_generate(static_engine(target), spec_in, replay, gamma=GAMMA, tree=SPEC, max_new_tokens=MAX_NEW)
+    assert run.tokens == plain
+    assert [r.accepted for r in run.log] == replay.planned
+    assert replay.planned[:5] == trace[:5] and all(len(r.proposal) == SPEC.budget for r in run.log)
+    assert replay.grown[0] == SPEC.budget
