@@ -11,7 +11,10 @@
               target's responses on top of the cached prompt (`HFBackend.generate_and_teacher_force`);
 - batched fast: the same, its decode steps through `vlms.batch_decode.BatchDecoder` (what `specalign
               extract` runs: a static KV cache kept per batch size, each step replayed as a CUDA graph,
-              RMSNorm and rotary fused by torch.compile; on the CPU the same steps eagerly);
+              RMSNorm and rotary fused by torch.compile; on the CPU the same steps eagerly), and its inputs
+              prepared on `--input-threads` host threads one batch ahead (train/extract.py InputPrefetch, as
+              `specalign extract` with input_threads); its "inputs" phase is then the time the GPU loop
+              waited for them, the host threads' own time is printed under the row;
 - transformers generate (batched): transformers' own `generate` of each model on the same batches
               (greedy, its default growing cache, no feature rows): the reference the fast path is
               measured against ("vs generate");
@@ -58,7 +61,7 @@ import torch
 from specalign.data.dsec import load_dataset
 from specalign.data.samples import requests_of
 from specalign.data.synth import synthesize
-from specalign.train.extract import ExtractionModule
+from specalign.train.extract import ExtractionModule, Inputs, make_loader
 from specalign.vlms import eventgpt_backend, video_llava
 from specalign.vlms.eventgpt_backend import EventGPTBackend
 from specalign.vlms.real_configs import random_pair
@@ -92,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (H200: 4.8e12)")
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads (the tiny pair's matrices "
                    "are too small to share)")
+    p.add_argument("--input-threads", type=int, default=4, help="batched fast: host threads preparing inputs one "
+                   "batch ahead (conf/extract.yaml input_threads; 0: inline)")
+    p.add_argument("--profile", action="store_true", help="CUDA: the heaviest kernels of one fast batch, and how "
+                   "much of its wall time the GPU was busy")
     p.add_argument("--paths", type=lambda s: s.split(","), default=["generate", "batched", "fast"],
                    help="rows besides the per-sample loop, of generate,batched,fast")
     return p.parse_args(argv)
@@ -215,19 +222,29 @@ class PhaseClock:
     def __init__(self, module: ExtractionModule, device: str):
         self.module, self.sync = module, (torch.cuda.synchronize if device == "cuda" else lambda: None)
         self.seconds = {"inputs": 0.0, "target": 0.0, "draft": 0.0}
+        self.host = 0.0      # `prepare` on the prefetch's host threads (overlapped with the GPU)
 
     def _wrap(self, backend, method: str, phase: str):
         inner = getattr(backend, method)
 
         def timed_call(*args, **kwargs):
-            self.sync()
+            main = threading.current_thread() is threading.main_thread()
+            if main:
+                self.sync()
             t0 = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.sync()
-                self.seconds[phase] += time.perf_counter() - t0
+                if main:
+                    self.sync()
+                    self.seconds[phase] += time.perf_counter() - t0
+                else:
+                    self.host += time.perf_counter() - t0
         setattr(backend, method, timed_call)
+
+    def waited(self, seconds: float) -> None:
+        """The GPU loop's wait for prefetched inputs: the part of their preparation not hidden."""
+        self.seconds["inputs"] += seconds
 
     def __enter__(self):
         target, draft = self.module.target, self.module.draft
@@ -274,6 +291,28 @@ def hf_generate(module: ExtractionModule, requests, batch: int):
                                           do_sample=False, pad_token_id=backend.pad_id, eos_token_id=backend.eos_id)
                 backend.model.generate(**inputs, generation_config=config)
     return run
+
+
+def prefetched(module: ExtractionModule, requests, batch: int, threads: int, clock=None):
+    """Batches as `specalign extract` runs them: inputs prepared on host threads one batch ahead (the loader of
+    train/extract.py with its InputPrefetch; Lightning's loop also fetches one batch ahead)."""
+    def run():
+        loader, prefetch = make_loader(module, requests, batch, threads)
+        try:
+            batches = iter(loader)
+            ahead = next(batches, None)
+            while ahead is not None:
+                current, ahead = ahead, next(batches, None)
+                t0 = time.perf_counter()
+                inputs = current.inputs.result()
+                if clock is not None:
+                    clock.waited(time.perf_counter() - t0)
+                if inputs.error is not None:
+                    raise inputs.error
+                module.run(current.requests, inputs)
+        finally:
+            prefetch.close()
+    return run if threads > 0 else batched(module, requests, batch)
 
 
 def per_sample(module: ExtractionModule, requests):
@@ -377,9 +416,12 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
         t0 = time.perf_counter()
         module.use_fast_decode()
         for batch in a.batch:
-            rows.append(bench_batched(a, module, quant, requests, batch, "batched fast", "static", costs["batched"]))
+            rows.append(bench_batched(a, module, quant, requests, batch, "batched fast", "static", costs["batched"],
+                                      a.input_threads))
         print(f"  fast path: attention kernels of the graphs {describe_graphs(module)}; set-up and runs "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
+        if a.profile and a.device == "cuda":
+            profile_batch(module, requests[: a.batch[-1]])
         module.target.batch_decoder = module.draft.batch_decoder = None
     if quant == "nf4" and a.device == "cuda":
         memory_at_batch_1(a, module, requests, loaded)
@@ -388,17 +430,41 @@ def bench_quant(a, quant: str, requests) -> list[dict]:
 
 
 def bench_batched(a, module: ExtractionModule, quant: str, requests, batch: int, path: str, kv_cache: str,
-                  costs: list[ModelCost]) -> dict:
-    """One row of `ExtractionModule.run` on batches of `batch` (after a warm-up batch of that shape)."""
+                  costs: list[ModelCost], input_threads: int = 0) -> dict:
+    """One row of `ExtractionModule.run` on batches of `batch` (after a warm-up batch of that shape), inputs
+    prepared one batch ahead on `input_threads` host threads (0: inline)."""
     module.run(requests[:batch])
     with PhaseClock(module, a.device) as clock:
-        seconds, mem = timed(batched(module, requests, batch), a.device)
+        seconds, mem = timed(prefetched(module, requests, batch, input_threads, clock), a.device)
     row = {"quant": quant, "path": path, "kv": kv_cache, "batch": batch, "rate": len(requests) / seconds,
            "peak": mem.peak, "reserved": mem.reserved, "phases": {k: v / len(requests) for k, v in clock.seconds.items()},
            **floor(costs, a.max_new_tokens, batch, a)}
     print(f"  measured {quant} {path} kv_cache {kv_cache} batch {batch}: {row['rate']:.2f} samples/s, "
-          f"peak {mem.peak / 1e9:.2f} GB", flush=True)
+          f"peak {mem.peak / 1e9:.2f} GB" + (f"; inputs on {input_threads} host threads one batch ahead: "
+                                             f"{1e3 * clock.host / len(requests):.0f} ms/sample there, "
+                                             f"{1e3 * clock.seconds['inputs'] / len(requests):.0f} waited for"
+                                             if input_threads > 0 else ""), flush=True)
     return row
+
+
+def profile_batch(module: ExtractionModule, requests) -> None:
+    """The CUDA kernels of one fast batch (inputs prepared before), grouped by name, and the GPU's busy share
+    of the batch's wall time (the rest: host work the GPU waited for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tb, db = module.target.prepare(requests), module.draft.prepare(requests)
+    inputs = Inputs({}, tb, db)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        module.run(requests, inputs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    print(f"\nOne fast batch of {len(requests)}: {wall * 1e3:.0f} ms wall, CUDA kernels {busy * 1e3:.0f} ms "
+          f"({100 * busy / wall:.0f} % busy); the heaviest kernels:")
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
 
 
 def describe_graphs(module: ExtractionModule) -> str:

@@ -189,7 +189,7 @@ def test_killed_run_resumes_to_the_uninterrupted_store(dataset, reference, tmp_p
     assert 1 <= len(written) < N_REQUESTS // 2 and not (out / "rows.parquet").exists(), "killed too late"
     (shards / f".r00-{len(written):06d}.safetensors.x1y2.tmp").write_bytes(b"half a shard")  # killed mid-write
 
-    run = cli(dataset, out)
+    run = cli(dataset, out, "input_threads=0")        # inputs prepared inline: the same store as prefetched
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_store(FeatureStore(out), reference[0])
     assert FeatureStore(out).manifest["checksums"] == reference[0].manifest["checksums"]   # the same files
@@ -265,8 +265,8 @@ def test_rows_with_non_finite_features_are_skipped_and_recorded(dataset):
     requests = requests_of(load_dataset(dataset)[0])[:3]
     real_run = module.run
 
-    def run_with_a_nan(batch):
-        rows, feats = real_run(batch)
+    def run_with_a_nan(batch, inputs=None):
+        rows, feats = real_run(batch, inputs)
         start = sum(len(r["target_tokens"]) for r in rows[:1])       # first token of the second request
         with torch.inference_mode():                                 # the features are inference tensors
             feats["target.h4"][start + 1, 0] = float("nan")

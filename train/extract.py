@@ -7,6 +7,11 @@ draft reuses its prompt cache for one teacher-forced pass over the target's resp
 the captured layers at the response positions are kept. `StoreWriterCallback` writes each
 batch as one atomic shard.
 
+Inputs are prepared off the main thread (`InputPrefetch`, the loader's collate): a batch's event
+check, clip decoding, preprocessing and prompts start on host threads when the loader yields it,
+and Lightning's loop fetches one batch ahead, so the next batch is ready when the GPU finishes
+this one (`input_threads` clips at a time; 0: everything inline, as before).
+
 Bad samples: a clip whose files are missing or damaged (its raw events are read and validated
 once, data.dsec.EventCheck), a request that fails in the models and a row whose features hold
 NaN or inf are skipped and recorded in errors.jsonl (request key, file, reason), one line per
@@ -25,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,60 @@ def _collate(items: list[Request]) -> list[Request]:
     return items
 
 
+class Inputs:
+    """A batch's inputs prepared on the host: the event check of each request, then both models' batches of
+    the requests that passed it (or the error preparing them raised: the batch then runs request by request)."""
+
+    def __init__(self, bad: dict[str, DataError | None], target=None, draft=None, error: Exception | None = None):
+        self.bad, self.target, self.draft, self.error = bad, target, draft, error
+
+
+class PreparedBatch:
+    """The loader's item with `InputPrefetch`: the batch's requests and the future of their `Inputs`."""
+
+    def __init__(self, requests: list[Request], inputs: Future):
+        self.requests, self.inputs = requests, inputs
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class InputPrefetch:
+    """The DataLoader's collate_fn: hands each batch over at once with its inputs being prepared on a host
+    thread (`Inputs`), the per-clip media loads `threads` at a time. Lightning's predict loop fetches one
+    batch ahead, so batch i + 1 is prepared while the GPU decodes batch i. `close` ends the threads."""
+
+    def __init__(self, module: ExtractionModule, threads: int):
+        self.module = module
+        self.batches = ThreadPoolExecutor(1, thread_name_prefix="inputs")
+        self.media = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="media")
+
+    def __call__(self, requests: list[Request]) -> PreparedBatch:
+        return PreparedBatch(requests, self.batches.submit(self.prepare, requests))
+
+    def prepare(self, requests: list[Request]) -> Inputs:
+        m = self.module
+        bad = {r.key: m.events(r.sample) for r in requests}
+        good = [r for r in requests if bad[r.key] is None]
+        if not good:
+            return Inputs(bad)
+        try:
+            return Inputs(bad, *(b.prepare(good, on_host=True, media_map=self.media.map) for b in (m.target, m.draft)))
+        except Exception as e:  # noqa: BLE001 -- the batch then runs request by request, each error recorded
+            return Inputs(bad, error=e)
+
+    def close(self) -> None:
+        self.batches.shutdown(cancel_futures=True)
+        self.media.shutdown(cancel_futures=True)
+
+
+def make_loader(module: ExtractionModule, requests: list[Request], batch_size: int, input_threads: int):
+    """-> (the predict loop's DataLoader, its InputPrefetch or None with input_threads=0)."""
+    prefetch = InputPrefetch(module, input_threads) if input_threads > 0 else None
+    loader = DataLoader(RequestList(requests), batch_size=batch_size, collate_fn=prefetch or _collate, num_workers=0)
+    return loader, prefetch
+
+
 class ExtractionModule(L.LightningModule):
     """Holds the two frozen backends (already on the rank's own device)."""
 
@@ -79,12 +139,16 @@ class ExtractionModule(L.LightningModule):
         use_fast_decode((self.target, self.draft), cuda_graphs, compile)
 
     @torch.inference_mode()
-    def run(self, requests: list[Request]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    def run(self, requests: list[Request], inputs: Inputs | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """One batch: the target's greedy responses with its feature rows captured while it decodes (no
         second pass over its prompt); the draft's prompt prefilled once, for its own greedy responses and
         for its teacher-forced rows on the target's responses (`HFBackend.generate_and_teacher_force`).
-        Rows equal `teacher_forced`'s up to floating-point noise (tests/test_vlm_backends.py)."""
-        tb, db = self.target.prepare(requests), self.draft.prepare(requests)
+        Rows equal `teacher_forced`'s up to floating-point noise (tests/test_vlm_backends.py). `inputs`: the
+        requests' batches prepared on the host (`InputPrefetch`); None: prepared here."""
+        if inputs is not None:
+            tb, db = inputs.target.to(self.target.device), inputs.draft.to(self.draft.device)
+        else:
+            tb, db = self.target.prepare(requests), self.draft.prepare(requests)
         target_layers, draft_layers = self.target.capture_layers(), self.draft.capture_layers()
         with capture_prompt_context(self.target, tb, target_layers) as context:   # from the same prefill
             target_resp, target_feats = self.target.generate(tb, self.max_new_tokens, self.ignore_eos,
@@ -105,22 +169,25 @@ class ExtractionModule(L.LightningModule):
                          "target_text": self.target.decode(tr), "draft_text": self.draft.decode(dr)})
         return rows, feats
 
-    def predict_step(self, batch: list[Request], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: list[Request] | PreparedBatch, batch_idx: int) -> dict[str, Any]:
         """-> {"rows", "tensors", "errors": [(key, reason, path)]}: requests of clips with damaged events are
-        not run, rows with non-finite features not kept."""
-        bad = {r.key: self.events(r.sample) for r in batch}
+        not run, rows with non-finite features not kept. A `PreparedBatch` brings its event check and inputs."""
+        inputs = batch.inputs.result() if isinstance(batch, PreparedBatch) else None
+        batch = batch.requests if isinstance(batch, PreparedBatch) else batch
+        bad = inputs.bad if inputs is not None else {r.key: self.events(r.sample) for r in batch}
         errors = [(key, _reason(e), e.path) for key, e in bad.items() if e is not None]
-        out = self.run_isolated([r for r in batch if bad[r.key] is None])
+        out = self.run_isolated([r for r in batch if bad[r.key] is None],
+                                inputs if inputs is not None and inputs.error is None else None)
         rows, tensors, nonfinite = drop_nonfinite(out["rows"], out["tensors"])
         return {"rows": rows, "tensors": tensors,
                 "errors": errors + out["errors"] + [(key, reason, None) for key, reason in nonfinite]}
 
-    def run_isolated(self, batch: list[Request]) -> dict[str, Any]:
+    def run_isolated(self, batch: list[Request], inputs: Inputs | None = None) -> dict[str, Any]:
         """`run`, and when the batch fails, each request on its own: one bad request costs only itself."""
         if not batch:
             return {"rows": [], "tensors": {}, "errors": []}
         try:
-            rows, feats = self.run(batch)
+            rows, feats = self.run(batch, inputs)
             return {"rows": rows, "tensors": feats, "errors": []}
         except Exception as batch_error:  # noqa: BLE001 -- isolate the bad request(s): one at a time
             if len(batch) == 1:
@@ -372,9 +439,13 @@ def extract(cfg: DictConfig) -> Path | None:
     done = writer.done_keys()
     if any(r.key not in done for r in requests):  # every rank sees the same: nobody has written yet
         mine = pending_for_rank(requests, done, rank, world, cfg.batch_size)
-        loader = DataLoader(RequestList(mine), batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
         module = ExtractionModule(target, draft, cfg.max_new_tokens, cfg.ignore_eos, EventCheck.of(cfg.data))
-        trainer.predict(module, loader, return_predictions=False)
+        loader, prefetch = make_loader(module, mine, cfg.batch_size, cfg.input_threads)
+        try:
+            trainer.predict(module, loader, return_predictions=False)
+        finally:
+            if prefetch is not None:
+                prefetch.close()
         trainer.strategy.barrier()  # every rank has written its shards
     if not any(writer.shard_dir.glob("*.safetensors")):
         raise callback.systematic()

@@ -34,6 +34,11 @@ class Batch:
     prompt_lens: list[int]            # unpadded prompt length of each row (after media expansion)
     extra: dict[str, Any] | None = None
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on `device` (a batch prepared on the host: `prepare(on_host=True)`)."""
+        inputs = {k: v.to(device, non_blocking=v.is_pinned()) for k, v in self.inputs.items()}
+        return Batch(self.requests, inputs, self.prompt_lens, self.extra)
+
 
 class VLMBackend(Protocol):
     role: str  # "target" or "draft"
@@ -45,7 +50,9 @@ class VLMBackend(Protocol):
 
     def capture_layers(self) -> list[int]: ...
 
-    def prepare(self, requests: list[Request]) -> Batch: ...
+    def prepare(self, requests: list[Request], on_host: bool = False, media_map=map) -> Batch:
+        """on_host: tensors stay in (pinned) host memory, for `Batch.to` later (inputs prepared off the main
+        thread); media_map: how the per-clip media loads are mapped (a thread pool's `map`)."""
 
     def generate(self, batch: Batch, max_new_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         """Greedy responses: generated ids only, no prompt; cut after the first EOS (EOS kept)."""

@@ -50,24 +50,25 @@ class EventGPTBackend(HFBackend):
         n_event = num_event_tokens(self.model.config, num_frames)
         return head + [self.model.config.event_token_index] * n_event + tail
 
-    def prepare(self, requests: list[Request]) -> Batch:
-        """Event PNGs -> [B, T, 3, S, S] CLIP input (S from the tower config), prompts left padded."""
+    def prepare(self, requests: list[Request], on_host: bool = False, media_map=map) -> Batch:
+        """Event PNGs -> [B, T, 3, S, S] CLIP input (S from the tower config), prompts left padded (on_host,
+        media_map: vlms/base.py)."""
         from specalign.data.dsec import read_event_images
 
         size = self.model.config.vision_config.image_size
-        frames: dict[str, torch.Tensor] = {}
         for r in requests:
             if not r.sample.event_images:
                 raise DataError(r.sample.id, "sample has no event images")
-            if r.sample.id not in frames:
-                frames[r.sample.id] = clip_preprocess(read_event_images(r.sample.event_images), size)
+        clips = {r.sample.id: r.sample for r in requests}
+        frames = dict(zip(clips, media_map(lambda s: clip_preprocess(read_event_images(s.event_images), size),
+                                           clips.values())))
         counts = {len(f) for f in frames.values()}
         if len(counts) > 1:
             raise ValueError(f"event frame counts differ within one batch ({sorted(counts)}): batch clips "
                              "with the same number of event images")
         prompts = [self.prompt_ids(r.question, len(frames[r.sample.id])) for r in requests]
         media = torch.stack([frames[r.sample.id] for r in requests])
-        return self.make_batch(requests, prompts, {"event_tensors": media})
+        return self.make_batch(requests, prompts, {"event_tensors": media}, on_host)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, quant: str = "bf16", quantize_towers: bool = False,

@@ -253,11 +253,17 @@ class HFBackend:
 
     # ------------------------------------------------------------------------------ batches
 
-    def make_batch(self, requests, prompts: list[list[int]], media: dict[str, torch.Tensor]) -> Batch:
-        """Left-padded prompts plus media tensors, on the model's device."""
+    def make_batch(self, requests, prompts: list[list[int]], media: dict[str, torch.Tensor],
+                   on_host: bool = False) -> Batch:
+        """Left-padded prompts plus media tensors, on the model's device (on_host: in host memory, pinned when
+        the model is on CUDA, for a later `Batch.to`)."""
         input_ids, attention_mask = left_pad(prompts, self.pad_id)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs |= {k: v.to(self.media_dtype) for k, v in media.items()}
+        if on_host:
+            pin = torch.device(self.device).type == "cuda"
+            return Batch(list(requests), {k: v.pin_memory() if pin else v for k, v in inputs.items()},
+                         [len(p) for p in prompts])
         return Batch(requests=list(requests), inputs={k: v.to(self.device) for k, v in inputs.items()},
                      prompt_lens=[len(p) for p in prompts])
 

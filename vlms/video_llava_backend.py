@@ -45,19 +45,18 @@ class VideoLlavaBackend(HFBackend):
         n_video = self.num_frames * video_tokens_per_frame(self.model.config)
         return ids[:at] + [video] * n_video + ids[at + 1:]
 
-    def prepare(self, requests: list[Request]) -> Batch:
+    def prepare(self, requests: list[Request], on_host: bool = False, media_map=map) -> Batch:
         """8 uniformly spaced video frames -> [B, 8, 3, S, S] CLIP input (S from the tower config, 224),
-        prompts left padded."""
+        prompts left padded (on_host, media_map: vlms/base.py)."""
         from specalign.data.video import read_video_frames
 
         size = self.model.config.vision_config.image_size
-        frames: dict[str, torch.Tensor] = {}
-        for r in requests:
-            if r.sample.id not in frames:
-                frames[r.sample.id] = clip_preprocess(read_video_frames(r.sample.video_path, self.num_frames), size)
+        clips = {r.sample.id: r.sample for r in requests}
+        frames = dict(zip(clips, media_map(lambda s: clip_preprocess(read_video_frames(s.video_path, self.num_frames),
+                                                                     size), clips.values())))
         prompts = [self.prompt_ids(r.question) for r in requests]
         media = torch.stack([frames[r.sample.id] for r in requests])
-        return self.make_batch(requests, prompts, {"pixel_values_videos": media})
+        return self.make_batch(requests, prompts, {"pixel_values_videos": media}, on_host)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, quant: str = "bf16", quantize_towers: bool = False,
