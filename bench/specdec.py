@@ -504,6 +504,11 @@ def notes(a, result: dict) -> None:
     if any(r["drafter"] == "token_adapter" for r in rows):
         print("The TokenAdapter reads EventGPT's whole free-running response: its setup (end to end) is EventGPT's "
               "prefill and decoding, run before the target.")
+    for w, sec in result["costs"].get("tree_verify_w", {}).items():
+        chains = ", ".join(f"γ={g}: {1e3 * result['costs']['verify_k'][g + 1]:.3f} ms" for g in a.gammas
+                           if g + 1 in result["costs"]["verify_k"])
+        print(f"Verifying a tree of {w - 1} nodes (W = {w} tokens) costs {1e3 * sec:.3f} ms, a chain's γ + 1 tokens "
+              f"{chains}.")
     if any(r["budget"] for r in rows):
         print(f"'<drafter>{TREE_SUFFIX} B=n': the drafter grows its EAGLE-2 tree of n nodes (top-{a.tree_topk}, depth γ) "
               "every round, eagerly (its `tree_logprobs`, no CUDA graph), and the target verifies 1 + n tokens in one "

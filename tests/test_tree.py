@@ -233,6 +233,11 @@ def test_static_tree_verification_and_compaction_equal_a_full_recompute(pair):
     with torch.no_grad():
         full = target(input_ids=torch.tensor([prompt + pending + tree.path_tokens(last) + [5]])).logits[0, -1]
     torch.testing.assert_close(step[-1], full, atol=1e-4, rtol=1e-4)
+    small = StaticDecoder(target, reserve=2, max_len=len(prompt) + 4)          # no room for the tree
+    run_prefill(small, {"input_ids": torch.tensor([prompt])})
+    with pytest.raises(SpecalignError, match="past the static KV cache") as e:
+        forward_tree(small, small, pending, tree)
+    assert "\n" not in str(e.value) and small.length == len(prompt)
 
 
 def test_static_tree_decoding_equals_plain_greedy_and_the_growing_cache(pair):
