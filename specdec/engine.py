@@ -18,6 +18,11 @@ Each width is captured with each attention kernel PyTorch offers for it (its def
 then memory-efficient and plain attention) and the fastest replay is kept: for a few queries over a long
 cache the default pick is not the fastest.
 
+Draft trees (specdec/tree.py): `forward_tree` writes [pending] + the tree's nodes at the next slots with each
+node at its depth's position, and its graph (one per (width, hidden layers, "tree")) reads the tokens, the
+position offsets and the [W, W] ancestor mask from fixed buffers and builds the [W, capacity] mask from the
+cache's device length; `compact` then moves the accepted path's slots down behind the pending token.
+
 With `compile` (CUDA), the elementwise chains of transformers' decoder are fused by torch.compile
 (`compile_fused_ops`): each RMSNorm (7 kernels) and each layer's rotary embedding of queries and keys (10)
 become one kernel. The functions are transformers' own; the matrix products stay cuBLAS's.
