@@ -349,8 +349,9 @@ class StaticDecoder:
         (graph-safe: the [W, capacity] mask is built here from the device length)."""
         start = self.cache.get_seq_length()                                   # device scalar
         rel = self.positions - start                                          # [capacity]: slot - L
-        window = (rel >= 0) & (rel < ids.shape[0])
-        mask = (rel < 0)[None, :] | (window[None, :] & local[:, rel.clamp(0, ids.shape[0] - 1)])   # [W, capacity]
+        window = (rel >= 0) & (rel < ids.shape[0])                            # this forward's own slots
+        # [W, capacity]: every slot before L, and of this forward's slots those `local` allows
+        mask = (rel < 0)[None, :] | (window[None, :] & local.index_select(1, rel.clamp(0, ids.shape[0] - 1)))
         out = self.decoder(input_ids=ids[None], attention_mask=mask[None, None], position_ids=(start + offsets)[None],
                            cache=self.cache, use_cache=True, output_hidden_states=bool(layers))
         hidden = {i: out.hidden_states[i][0] for i in layers}
