@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow      # the longest file: started first (tests/conftest.py)
+pytestmark = pytest.mark.slow      # the longest file: started first (tests/conftest.py LONGEST_FIRST)
 
 
 @pytest.fixture(scope="module")
