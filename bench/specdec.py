@@ -199,20 +199,23 @@ def sync(device: str) -> float:
     return time.perf_counter()
 
 
+def median_seconds(forward, undo, device: str, reps: int = 20) -> float:
+    """Median seconds of `forward()` (each followed by `undo()`, untimed), after two warm-up calls."""
+    times = []
+    for _ in range(reps + 2):
+        t0 = sync(device)
+        forward()
+        times.append(sync(device) - t0)
+        undo()
+    return statistics.median(times[2:])
+
+
 def verify_cost(engine: StaticDecoder, spec: dict, widths, device: str, reps: int = 20) -> dict[int, float]:
     """Median seconds of a k-token forward on the prefilled cache (then cropped back), per k."""
     pre = run_prefill(engine, spec)
     tokens = [int(pre.logits.argmax())] * max(widths)
-    out = {}
-    for k in widths:
-        times = []
-        for _ in range(reps + 2):
-            t0 = sync(device)
-            forward_tokens(engine, pre.cache, tokens[:k])
-            times.append(sync(device) - t0)
-            crop(pre.cache, k)
-        out[k] = statistics.median(times[2:])
-    return out
+    return {k: median_seconds(lambda k=k: forward_tokens(engine, pre.cache, tokens[:k]),
+                              lambda k=k: crop(pre.cache, k), device, reps) for k in widths}
 
 
 def warm_up(a, engine: StaticDecoder, drafters_, p: Prepared) -> None:
@@ -335,13 +338,9 @@ def tree_verify_cost(engine: StaticDecoder, spec: dict, widths, device: str, voc
     token = int(pre.logits.argmax())
     out = {}
     for w in widths:
-        tree, times = spine(w - 1, token, vocab), []
-        for _ in range(reps + 2):
-            t0 = sync(device)
-            forward_tree(engine, engine, [token], tree)
-            times.append(sync(device) - t0)
-            crop(engine, w)
-        out[w] = statistics.median(times[2:])
+        tree = spine(w - 1, token, vocab)
+        out[w] = median_seconds(lambda t=tree: forward_tree(engine, engine, [token], t), lambda w=w: crop(engine, w),
+                                device, reps)
     return out
 
 

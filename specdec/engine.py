@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from specalign.specdec.tree import local_inputs
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
@@ -323,12 +324,7 @@ class StaticDecoder:
             raise SpecalignError(f"a tree of {len(tree)} nodes at position {self.length} is past the static KV cache "
                                  f"({self.capacity} positions): raise engine.max_len or the engine's reserve "
                                  "(max_new_tokens + tree.budget + 1)")
-        depth = torch.tensor(tree.depths, dtype=torch.long).reshape(-1)
-        offsets = torch.cat([torch.arange(len(pending)), len(pending) + depth - 1])            # [W]
-        local = torch.ones(width, width, dtype=torch.bool).tril()                              # pending: causal
-        if len(tree):
-            local[len(pending):, len(pending):] = tree.ancestors()                             # nodes: ancestors
-        ids = torch.as_tensor([*pending, *tree.tokens], dtype=torch.long)
+        ids, offsets, local = local_inputs(tree, pending)                       # specdec/tree.py
         if self.cuda_graphs and width <= self.max_width:
             self.ids[:width].copy_(ids)
             self.offsets[:width].copy_(offsets)

@@ -190,22 +190,28 @@ def grow(logprobs: TreeLogprobs, depth: int, budget: int, topk: int) -> Tree:
     return tree.keep(budget)
 
 
+def local_inputs(tree: Tree, pending: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward over [pending] + the nodes, relative to the cached prefix: ids [M], position offsets [M]
+    (pending token i at i, node i at len(pending) + depth_i - 1) and [M, M] bool, what each row sees among these
+    rows (the pending tokens causally, every node the pending tokens and its own ancestors); M = len(pending) + N."""
+    p = len(pending)
+    ids = torch.tensor([*pending, *tree.tokens], dtype=torch.long)
+    depth = torch.tensor(tree.depths, dtype=torch.long).reshape(-1)
+    offsets = torch.cat([torch.arange(p), p + depth - 1])
+    local = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    if len(tree):
+        local[p:, p:] = tree.ancestors()
+    return ids, offsets, local
+
+
 def verify_inputs(tree: Tree, pending: Sequence[int], cached: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-    """The target forward over [pending] + nodes after `cached` tokens:
-    ids [1, M], position ids [1, M], additive attention mask [1, 1, M, cached + M] (0: attend, dtype min: not),
-    M = len(pending) + N; the cache and the pending token are visible to every row."""
-    n, m = len(tree), len(pending) + len(tree)
-    ids = torch.tensor([[*pending, *tree.tokens]], dtype=torch.long, device=device)
-    depth = torch.tensor(tree.depths, dtype=torch.long).reshape(-1)
-    pos = torch.cat([torch.arange(len(pending)), len(pending) + depth - 1]) + cached
-    allow = torch.ones(m, cached + m, dtype=torch.bool)
-    allow[:, cached:] = False
-    allow[:, cached: cached + len(pending)] = torch.ones(m, len(pending), dtype=torch.bool).tril()
-    if n:
-        allow[len(pending):, cached + len(pending):] = tree.ancestors()
-    mask = torch.zeros(m, cached + m, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)
-    return ids, pos[None].to(device), mask[None, None].to(device)
+    """The target forward over [pending] + nodes after `cached` tokens (`local_inputs`, the cache visible to every
+    row): ids [1, M], position ids [1, M], additive attention mask [1, 1, M, cached + M] (0: attend, dtype min: not)."""
+    ids, offsets, local = local_inputs(tree, pending)
+    allow = torch.cat([torch.ones(len(ids), cached, dtype=torch.bool), local], 1)
+    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)
+    return ids[None].to(device), (offsets + cached)[None].to(device), mask[None, None].to(device)
 
 
 def round_counts(tree: Tree, target: Sequence[int], start: int) -> tuple[int, int]:
