@@ -13,7 +13,6 @@ from specalign.vlms.eventgpt import EventChatForCausalLM, num_event_tokens
 from specalign.vlms.hf_backend import (
     HFBackend,
     check_model_dir,
-    clip_preprocess,
     dense_modules,
     load_pretrained,
 )
@@ -55,13 +54,10 @@ class EventGPTBackend(HFBackend):
         media_map: vlms/base.py)."""
         from specalign.data.dsec import read_event_images
 
-        size = self.model.config.vision_config.image_size
         for r in requests:
             if not r.sample.event_images:
                 raise DataError(r.sample.id, "sample has no event images")
-        clips = {r.sample.id: r.sample for r in requests}
-        frames = dict(zip(clips, media_map(lambda s: clip_preprocess(read_event_images(s.event_images), size),
-                                           clips.values())))
+        frames = self.clip_frames(requests, lambda s: read_event_images(s.event_images), media_map)
         counts = {len(f) for f in frames.values()}
         if len(counts) > 1:
             raise ValueError(f"event frame counts differ within one batch ({sorted(counts)}): batch clips "

@@ -253,6 +253,13 @@ class HFBackend:
 
     # ------------------------------------------------------------------------------ batches
 
+    def clip_frames(self, requests, read: Callable, media_map=map) -> dict[str, torch.Tensor]:
+        """Each distinct clip of `requests` read (`read(sample)` -> [n, H, W, 3] frames) and CLIP-preprocessed at
+        the vision tower's size, the clips mapped by `media_map` -> {sample id: [n, 3, S, S]}."""
+        size = self.model.config.vision_config.image_size
+        clips = {r.sample.id: r.sample for r in requests}
+        return dict(zip(clips, media_map(lambda sample: clip_preprocess(read(sample), size), clips.values())))
+
     def make_batch(self, requests, prompts: list[list[int]], media: dict[str, torch.Tensor],
                    on_host: bool = False) -> Batch:
         """Left-padded prompts plus media tensors, on the model's device (on_host: in host memory, pinned when
@@ -260,12 +267,11 @@ class HFBackend:
         input_ids, attention_mask = left_pad(prompts, self.pad_id)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs |= {k: v.to(self.media_dtype) for k, v in media.items()}
-        if on_host:
-            pin = torch.device(self.device).type == "cuda"
-            return Batch(list(requests), {k: v.pin_memory() if pin else v for k, v in inputs.items()},
-                         [len(p) for p in prompts])
-        return Batch(requests=list(requests), inputs={k: v.to(self.device) for k, v in inputs.items()},
-                     prompt_lens=[len(p) for p in prompts])
+        if not on_host:
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        elif torch.device(self.device).type == "cuda":
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        return Batch(requests=list(requests), inputs=inputs, prompt_lens=[len(p) for p in prompts])
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int, ignore_eos: bool = False,

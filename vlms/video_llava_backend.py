@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from specalign.data.samples import Request
 from specalign.vlms.base import Batch
-from specalign.vlms.hf_backend import HFBackend, clip_preprocess
+from specalign.vlms.hf_backend import HFBackend
 from specalign.vlms.registry import load_options, register_backend
 from specalign.vlms.video_llava import load_video_llava, video_tokens_per_frame
 
@@ -50,10 +50,7 @@ class VideoLlavaBackend(HFBackend):
         prompts left padded (on_host, media_map: vlms/base.py)."""
         from specalign.data.video import read_video_frames
 
-        size = self.model.config.vision_config.image_size
-        clips = {r.sample.id: r.sample for r in requests}
-        frames = dict(zip(clips, media_map(lambda s: clip_preprocess(read_video_frames(s.video_path, self.num_frames),
-                                                                     size), clips.values())))
+        frames = self.clip_frames(requests, lambda s: read_video_frames(s.video_path, self.num_frames), media_map)
         prompts = [self.prompt_ids(r.question) for r in requests]
         media = torch.stack([frames[r.sample.id] for r in requests])
         return self.make_batch(requests, prompts, {"pixel_values_videos": media}, on_host)
