@@ -63,7 +63,7 @@ from specalign.specdec.online_eval import (
     entry_numbers,
     model_costs,
     prefill_spec,
-    tree_verify_s,
+    round_verify_s,
     verify_costs,
 )
 from specalign.specdec.replay import (
@@ -284,7 +284,7 @@ def measure(a, target, draft, engines, drafters_, trace, source) -> dict:
 def row_numbers(name, gamma, entry, runs, prepared, target_costs) -> dict:
     """The report's numbers (tau, projected speedups) beside the measured ones. A tree row's verification is
     its own (behind the pending token: every round but the first), as in the online report."""
-    verify = tree_verify_s(runs) if entry.tree else target_costs["verify_s"][str(gamma)]
+    verify = round_verify_s(entry, runs, target_costs, gamma)
     n = entry_numbers(entry, runs, prepared, target_costs, verify)
     plain_decode = sum(sum(p.greedy.decode_s) for p in prepared) / sum(len(p.greedy.tokens) - 1 for p in prepared)
     spec_decode = sum(r.total_s - r.prefill_s - r.draft_prefill_s for r in runs) / sum(len(r.tokens) for r in runs)

@@ -299,6 +299,12 @@ def tree_verify_s(runs: list[OnlineResult]) -> float | None:
     return mean([r.verify_s for run in runs for r in run.log if r.verified > len(r.proposal)])
 
 
+def round_verify_s(entry: Entry, runs: list[OnlineResult], target: dict, gamma: int) -> float | None:
+    """What the verification of one of `entry`'s rounds at `gamma` costs in the cost model: a tree's own
+    (`tree_verify_s`), a chain's the γ + 1-token verification measured over the report's chains."""
+    return tree_verify_s(runs) if entry.tree else target["verify_s"][str(gamma)]
+
+
 def projected_speedup(tau: float, n: float, target: dict, verify: float | None, drafter: dict) -> dict:
     if verify is None or target["decode_s"] is None:
         return {"projected": None, "projected_e2e": None}
@@ -400,8 +406,7 @@ def online_report(cfg: DictConfig, gammas: list[int], runs: OnlineRuns) -> dict:
     by = {"results": {}, "costs": {}, "speedup": {}, "same": {}}    # section -> name -> gamma -> value
     for name, e in runs.entries.items():
         for g in sorted(e.runs):
-            verify = tree_verify_s(e.runs[g]) if e.tree else target["verify_s"][str(g)]
-            numbers = entry_numbers(e, e.runs[g], prepared, target, verify)
+            numbers = entry_numbers(e, e.runs[g], prepared, target, round_verify_s(e, e.runs[g], target, g))
             for section, value in numbers.items():
                 by[section].setdefault(name, {})[str(g)] = value
     checks = {"requests": len(prepared),
