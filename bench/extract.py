@@ -294,8 +294,9 @@ def hf_generate(module: ExtractionModule, requests, batch: int):
 
 
 def prefetched(module: ExtractionModule, requests, batch: int, threads: int, clock=None):
-    """Batches as `specalign extract` runs them: inputs prepared on host threads one batch ahead (the loader of
-    train/extract.py with its InputPrefetch; Lightning's loop also fetches one batch ahead)."""
+    """Batches as `specalign extract` runs them: the stage's loader (train/extract.py, inputs prepared on host
+    threads by its InputPrefetch) fetched one batch ahead as Lightning's loop does, each batch through the
+    stage's `predict_step`."""
     def run():
         loader, prefetch = make_loader(module, requests, batch, threads)
         try:
@@ -304,12 +305,11 @@ def prefetched(module: ExtractionModule, requests, batch: int, threads: int, clo
             while ahead is not None:
                 current, ahead = ahead, next(batches, None)
                 t0 = time.perf_counter()
-                inputs = current.inputs.result()
+                current.inputs.result()
                 if clock is not None:
                     clock.waited(time.perf_counter() - t0)
-                if inputs.error is not None:
-                    raise inputs.error
-                module.run(current.requests, inputs)
+                if errors := module.predict_step(current, 0)["errors"]:
+                    raise SystemExit(f"a bench request failed: {errors[0]}")
         finally:
             prefetch.close()
     return run if threads > 0 else batched(module, requests, batch)
